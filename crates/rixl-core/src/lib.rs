@@ -1,0 +1,41 @@
+//! # rixl-core
+//!
+//! The pure core of RIXL: types and logic with no I/O, shared by the agent (`rixl`), every
+//! backend crate and the bindings. It holds
+//!
+//! - [`MemType`], [`XferOp`], descriptors and descriptor lists ([`Desc`], [`RegDesc`],
+//!   [`StridedDesc`], [`XferDescList`], [`RegDescList`]);
+//! - [`Error`] / [`ErrorKind`], one-to-one with NIXL's status codes, plus context;
+//! - the [`RegIndex`] that finds the registration covering a descriptor by binary search;
+//! - the metadata blob ([`AgentMetadata`]) and the bounds-checked [`codec`] under it;
+//! - the request [`Completion`] cell and the [`NotifQueue`];
+//! - the [`Backend`] trait every transport and storage engine implements.
+//!
+//! The crate forbids `unsafe`: everything that touches memory by address lives in a backend.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod backend;
+pub mod codec;
+pub mod completion;
+pub mod desc;
+pub mod error;
+pub mod index;
+pub mod mem;
+pub mod metadata;
+pub mod notif;
+pub mod op;
+
+pub use backend::{
+    AgentHooks, Backend, BackendContext, BackendFactory, BackendXfer, Capabilities, CostEstimate,
+    CostMethod, LocalRegion, Params, PostOutcome, Segment, XferSpec,
+};
+pub use completion::{Completion, CompletionFuture, CompletionHandle, XferStatus};
+pub use desc::{Desc, RegDesc, RegDescList, StridedDesc, XferDescList};
+pub use error::{Error, ErrorKind, Result};
+pub use index::{RegEntry, RegIndex};
+pub use mem::MemType;
+pub use metadata::{AgentMetadata, ConnInfo, MetadataSection, PublishedRegion};
+pub use notif::{NotifQueue, NotifSender, Notification};
+pub use op::XferOp;

@@ -1,0 +1,111 @@
+//! The agent's notification queue.
+//!
+//! Backends push notifications (from the sender named by the connection they arrived on) into
+//! one queue per agent; the application drains it, optionally filtered by backend, or blocks on
+//! it with a timeout. Nobody polls: a push wakes the sleepers.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+
+/// One received notification.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Notification {
+    /// The sending agent's name.
+    pub from: String,
+    /// The message; may be empty.
+    pub msg: Vec<u8>,
+    /// Index of the backend that delivered it (creation order in the receiving agent).
+    pub backend: usize,
+}
+
+/// The per-agent queue. Backends get a [`NotifSender`] bound to their index.
+#[derive(Debug, Default)]
+pub struct NotifQueue {
+    queue: Mutex<VecDeque<Notification>>,
+    cond: Condvar,
+    pushed: AtomicU64,
+}
+
+impl NotifQueue {
+    /// An empty queue.
+    pub fn new() -> Arc<NotifQueue> {
+        Arc::new(NotifQueue::default())
+    }
+
+    /// A sender that tags what it pushes with backend index `backend`.
+    pub fn sender(self: &Arc<Self>, backend: usize) -> NotifSender {
+        NotifSender {
+            queue: self.clone(),
+            backend,
+        }
+    }
+
+    fn push(&self, n: Notification) {
+        self.queue.lock().push_back(n);
+        self.pushed.fetch_add(1, Ordering::Release);
+        self.cond.notify_all();
+    }
+
+    /// Removes and returns the notifications accepted by `filter` (by backend index), in
+    /// arrival order; others stay queued.
+    pub fn drain(&self, mut filter: impl FnMut(usize) -> bool) -> Vec<Notification> {
+        let mut q = self.queue.lock();
+        let mut out = Vec::new();
+        q.retain(|n| {
+            if filter(n.backend) {
+                out.push(n.clone());
+                false
+            } else {
+                true
+            }
+        });
+        out
+    }
+
+    /// Blocks until a notification accepted by `filter` is queued or `timeout` passes; returns
+    /// whether one is there. Does not remove anything.
+    pub fn wait(&self, timeout: Duration, mut filter: impl FnMut(usize) -> bool) -> bool {
+        let deadline = Instant::now().checked_add(timeout);
+        let mut q = self.queue.lock();
+        loop {
+            if q.iter().any(|n| filter(n.backend)) {
+                return true;
+            }
+            match deadline {
+                Some(d) => {
+                    if self.cond.wait_until(&mut q, d).timed_out() {
+                        return q.iter().any(|n| filter(n.backend));
+                    }
+                }
+                None => self.cond.wait(&mut q),
+            }
+        }
+    }
+
+    /// Number of notifications ever pushed (for tests and telemetry).
+    pub fn pushed(&self) -> u64 {
+        self.pushed.load(Ordering::Acquire)
+    }
+}
+
+/// The handle a backend uses to deliver notifications to its agent.
+#[derive(Clone, Debug)]
+pub struct NotifSender {
+    queue: Arc<NotifQueue>,
+    backend: usize,
+}
+
+impl NotifSender {
+    /// Delivers `msg` from agent `from`.
+    pub fn deliver(&self, from: &str, msg: &[u8]) {
+        self.queue.push(Notification {
+            from: from.to_owned(),
+            msg: msg.to_vec(),
+            backend: self.backend,
+        });
+    }
+}
