@@ -205,7 +205,9 @@ pub trait BackendXfer: Send + Sync + fmt::Debug {
 
     /// Estimated duration of one post.
     fn estimate_cost(&self) -> Result<CostEstimate> {
-        Err(Error::not_supported("this backend does not estimate transfer costs"))
+        Err(Error::not_supported(
+            "this backend does not estimate transfer costs",
+        ))
     }
 }
 
@@ -241,7 +243,9 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// Accepts a peer's connection info. `Err(NotSupported)` means the peer cannot be reached
     /// through this backend (for example, another host for a same-host backend).
     fn load_remote_conn_info(&self, _peer: &str, _info: &[u8]) -> Result<()> {
-        Err(Error::not_supported("this backend cannot reach other agents"))
+        Err(Error::not_supported(
+            "this backend cannot reach other agents",
+        ))
     }
 
     /// Accepts one region a peer published; returns the token used in target [`Segment`]s.
@@ -271,12 +275,16 @@ pub trait Backend: Send + Sync + fmt::Debug {
 
     /// Sends a standalone notification.
     fn send_notif(&self, _peer: &str, _msg: &[u8]) -> Result<()> {
-        Err(Error::not_supported("this backend does not carry notifications"))
+        Err(Error::not_supported(
+            "this backend does not carry notifications",
+        ))
     }
 
     /// Reports on registrations that may not exist yet (files, objects): one entry per
     /// descriptor, `None` where the target does not exist.
     fn query_mem(&self, _mem: MemType, _descs: &[RegDesc]) -> Result<Vec<Option<Params>>> {
-        Err(Error::not_supported("this backend does not support query_mem"))
+        Err(Error::not_supported(
+            "this backend does not support query_mem",
+        ))
     }
 }

@@ -94,7 +94,10 @@ impl<'a> Reader<'a> {
 
     /// An error at the current position.
     pub fn error(&self, msg: impl std::fmt::Display) -> Error {
-        Error::mismatch(format!("malformed {} at byte {}: {msg}", self.what, self.pos))
+        Error::mismatch(format!(
+            "malformed {} at byte {}: {msg}",
+            self.what, self.pos
+        ))
     }
 
     /// Bytes not yet read.
@@ -204,7 +207,10 @@ mod tests {
     fn rejects_overlong_and_truncated() {
         let mut r = Reader::new(&[0xff; 11], "test");
         assert!(r.varint().is_err());
-        let mut r = Reader::new(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02], "t");
+        let mut r = Reader::new(
+            &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02],
+            "t",
+        );
         assert!(r.varint().is_err());
         let mut r = Reader::new(&[0x80], "test");
         assert!(r.varint().is_err());

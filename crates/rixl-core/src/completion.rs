@@ -208,7 +208,12 @@ impl Completion {
             Ok(()) => {
                 if self
                     .state
-                    .compare_exchange(from, (seq << 2) | ST_DONE, Ordering::SeqCst, Ordering::SeqCst)
+                    .compare_exchange(
+                        from,
+                        (seq << 2) | ST_DONE,
+                        Ordering::SeqCst,
+                        Ordering::SeqCst,
+                    )
                     .is_err()
                 {
                     return false;
@@ -297,10 +302,16 @@ mod tests {
         assert!(!h.complete(Ok(())), "a second completion is ignored");
         assert_eq!(c.status().unwrap(), XferStatus::Done);
         let h2 = c.begin().unwrap();
-        assert!(!h.complete(Err(Error::backend("late"))), "stale post is fenced");
+        assert!(
+            !h.complete(Err(Error::backend("late"))),
+            "stale post is fenced"
+        );
         assert!(h2.complete(Err(Error::remote_disconnect("peer gone"))));
         assert_eq!(c.status().unwrap_err().kind(), ErrorKind::RemoteDisconnect);
-        assert_eq!(c.wait(Some(Duration::ZERO)).unwrap_err().kind(), ErrorKind::RemoteDisconnect);
+        assert_eq!(
+            c.wait(Some(Duration::ZERO)).unwrap_err().kind(),
+            ErrorKind::RemoteDisconnect
+        );
     }
 
     #[test]
@@ -321,8 +332,8 @@ mod tests {
 
     #[test]
     fn future_wakes() {
-        use std::sync::atomic::AtomicBool;
         use std::future::Future;
+        use std::sync::atomic::AtomicBool;
         use std::task::Wake;
         struct Flag(AtomicBool);
         impl Wake for Flag {

@@ -145,7 +145,8 @@ impl StridedDesc {
         }
         let count = usize::try_from(self.count)
             .map_err(|_| Error::invalid_param(format!("strided row {row} count too large")))?;
-        Ok((0..count).map(move |i| Desc::new(self.addr + self.stride * i as u64, self.len, self.dev)))
+        Ok((0..count)
+            .map(move |i| Desc::new(self.addr + self.stride * i as u64, self.len, self.dev)))
     }
 }
 
@@ -325,31 +326,67 @@ mod tests {
         assert!(RegDesc::new(0, 0, 7).check(MemType::File, 0).is_ok());
         assert!(RegDesc::new(0x1000, 0, 0).check(MemType::Dram, 0).is_err());
         assert!(RegDesc::new(0, 64, 0).check(MemType::Dram, 0).is_err());
-        assert!(RegDesc::new(u64::MAX, 2, 0).check(MemType::File, 0).is_err());
+        assert!(RegDesc::new(u64::MAX, 2, 0)
+            .check(MemType::File, 0)
+            .is_err());
     }
 
     #[test]
     fn strided_expands_in_row_order() {
         let rows = [
-            StridedDesc { addr: 0x1000, len: 16, dev: 0, stride: 32, count: 4 },
-            StridedDesc { addr: 0x9000, len: 8, dev: 1, stride: 8, count: 4 },
+            StridedDesc {
+                addr: 0x1000,
+                len: 16,
+                dev: 0,
+                stride: 32,
+                count: 4,
+            },
+            StridedDesc {
+                addr: 0x9000,
+                len: 8,
+                dev: 1,
+                stride: 8,
+                count: 4,
+            },
         ];
         let l = XferDescList::from_strided(MemType::Dram, &rows).unwrap();
         assert_eq!(l.len(), 8);
         assert_eq!(l[3], Desc::new(0x1000 + 96, 16, 0));
         assert_eq!(l[4], Desc::new(0x9000, 8, 1));
         assert_eq!(l.total_bytes(), 4 * 16 + 4 * 8);
-        let bad = StridedDesc { addr: 1, len: 16, dev: 0, stride: 8, count: 2 };
+        let bad = StridedDesc {
+            addr: 1,
+            len: 16,
+            dev: 0,
+            stride: 8,
+            count: 2,
+        };
         assert_eq!(
-            XferDescList::from_strided(MemType::Dram, &[bad]).unwrap_err().kind(),
+            XferDescList::from_strided(MemType::Dram, &[bad])
+                .unwrap_err()
+                .kind(),
             crate::ErrorKind::NotFound
         );
-        let zero = StridedDesc { addr: 1, len: 16, dev: 0, stride: 16, count: 0 };
+        let zero = StridedDesc {
+            addr: 1,
+            len: 16,
+            dev: 0,
+            stride: 16,
+            count: 0,
+        };
         assert!(XferDescList::from_strided(MemType::Dram, &[zero]).is_err());
         assert!(XferDescList::from_strided(MemType::Dram, &[]).is_err());
-        let wrap = StridedDesc { addr: u64::MAX - 100, len: 16, dev: 0, stride: 64, count: 4 };
+        let wrap = StridedDesc {
+            addr: u64::MAX - 100,
+            len: 16,
+            dev: 0,
+            stride: 64,
+            count: 4,
+        };
         assert_eq!(
-            XferDescList::from_strided(MemType::Dram, &[wrap]).unwrap_err().kind(),
+            XferDescList::from_strided(MemType::Dram, &[wrap])
+                .unwrap_err()
+                .kind(),
             crate::ErrorKind::InvalidParam
         );
     }

@@ -100,13 +100,20 @@ impl<T> RegIndex<T> {
         if self.allow_overlap {
             return Ok(());
         }
-        let new = RegEntry { desc: *desc, value: () };
+        let new = RegEntry {
+            desc: *desc,
+            value: (),
+        };
         let pos = self.lower_bound(desc.dev, desc.addr);
         let clash = |e: &RegEntry<T>| {
             e.desc.dev == desc.dev && e.desc.addr < new.end() && desc.addr < e.end()
         };
         let neighbours = [pos.checked_sub(1), Some(pos)];
-        for e in neighbours.into_iter().flatten().filter_map(|i| self.entries.get(i)) {
+        for e in neighbours
+            .into_iter()
+            .flatten()
+            .filter_map(|i| self.entries.get(i))
+        {
             if clash(e) {
                 return Err(Error::invalid_param(format!(
                     "registration (addr {:#x}, len {}, dev {}) overlaps the existing registration \
@@ -213,10 +220,17 @@ mod tests {
         assert!(ix.insert(Desc::new(0x1000, 0x1000, 0), 'x').is_err());
         // Adjacent is fine.
         ix.insert(Desc::new(0x2000, 0x1000, 0), 'd').unwrap();
-        let at = |a, l, dv| ix.find_covering(&Desc::new(a, l, dv)).map(|i| ix.entries()[i].value);
+        let at = |a, l, dv| {
+            ix.find_covering(&Desc::new(a, l, dv))
+                .map(|i| ix.entries()[i].value)
+        };
         assert_eq!(at(0x1000, 0x1000, 0), Some('a'));
         assert_eq!(at(0x1fff, 1, 0), Some('a'));
-        assert_eq!(at(0x1fff, 2, 0), None, "spanning two registrations is refused");
+        assert_eq!(
+            at(0x1fff, 2, 0),
+            None,
+            "spanning two registrations is refused"
+        );
         assert_eq!(at(0x3800, 0x800, 0), Some('b'));
         assert_eq!(at(0x1800, 16, 1), Some('c'));
         assert_eq!(at(0x1800, 16, 2), None);

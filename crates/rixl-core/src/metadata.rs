@@ -159,7 +159,9 @@ impl AgentMetadata {
             let mem = MemType::from_u8(mem_raw)
                 .ok_or_else(|| r.error(format!("unknown memory type {mem_raw}")))?;
             if backend.is_empty()
-                || sections.iter().any(|s| s.backend == backend && s.mem == mem)
+                || sections
+                    .iter()
+                    .any(|s| s.backend == backend && s.mem == mem)
             {
                 return Err(r.error(format!("empty or repeated section {backend:?}/{mem}")));
             }
@@ -241,7 +243,10 @@ mod tests {
             ..md.clone()
         };
         let per_reg = (blob.len() - empty.encode().len()) as f64 / 64.0;
-        assert!(per_reg <= 6.0, "{per_reg} bytes per contiguous registration");
+        assert!(
+            per_reg <= 6.0,
+            "{per_reg} bytes per contiguous registration"
+        );
     }
 
     #[test]
@@ -252,31 +257,57 @@ mod tests {
         assert!(AgentMetadata::decode(b"").is_err());
         let mut blob = sample().encode();
         blob.push(0);
-        assert!(AgentMetadata::decode(&blob).unwrap_err().to_string().contains("trailing"));
+        assert!(AgentMetadata::decode(&blob)
+            .unwrap_err()
+            .to_string()
+            .contains("trailing"));
         let blob = sample().encode();
         for cut in 0..blob.len() {
-            assert!(AgentMetadata::decode(&blob[..cut]).is_err(), "prefix of {cut} accepted");
+            assert!(
+                AgentMetadata::decode(&blob[..cut]).is_err(),
+                "prefix of {cut} accepted"
+            );
         }
         let mut v2 = sample().encode();
         v2[6] = 2;
-        assert!(AgentMetadata::decode(&v2).unwrap_err().to_string().contains("version 2"));
+        assert!(AgentMetadata::decode(&v2)
+            .unwrap_err()
+            .to_string()
+            .contains("version 2"));
     }
 
     fn arb_metadata() -> impl Strategy<Value = AgentMetadata> {
-        let region = (any::<u64>(), 1u64..1 << 40, 0u64..4, proptest::collection::vec(any::<u8>(), 0..12))
+        let region = (
+            any::<u64>(),
+            1u64..1 << 40,
+            0u64..4,
+            proptest::collection::vec(any::<u8>(), 0..12),
+        )
             .prop_map(|(a, l, d, p)| PublishedRegion {
                 desc: Desc::new(a >> 1, l, d),
                 public: p,
             });
-        let section = ("[A-Z_]{1,10}", 0u8..5, proptest::collection::vec(region, 0..20))
+        let section = (
+            "[A-Z_]{1,10}",
+            0u8..5,
+            proptest::collection::vec(region, 0..20),
+        )
             .prop_map(|(b, m, mut regions)| {
                 regions.sort_by_key(|r| (r.desc.dev, r.desc.addr));
                 let mem = MemType::from_u8(m).unwrap();
-                MetadataSection { backend: b, mem, regions }
+                MetadataSection {
+                    backend: b,
+                    mem,
+                    regions,
+                }
             });
         (
             "[a-z0-9-]{1,20}",
-            proptest::collection::btree_map("[A-Z]{1,8}", proptest::collection::vec(any::<u8>(), 0..40), 0..3),
+            proptest::collection::btree_map(
+                "[A-Z]{1,8}",
+                proptest::collection::vec(any::<u8>(), 0..40),
+                0..3,
+            ),
             proptest::collection::vec(section, 0..4),
         )
             .prop_map(|(agent, conn, mut sections)| {
@@ -284,7 +315,10 @@ mod tests {
                 sections.retain(|s| seen.insert((s.backend.clone(), s.mem)));
                 AgentMetadata {
                     agent,
-                    conn: conn.into_iter().map(|(backend, info)| ConnInfo { backend, info }).collect(),
+                    conn: conn
+                        .into_iter()
+                        .map(|(backend, info)| ConnInfo { backend, info })
+                        .collect(),
                     sections,
                 }
             })

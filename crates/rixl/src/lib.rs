@@ -1,0 +1,53 @@
+//! # rixl
+//!
+//! RIXL moves bytes point to point between agents — KV-cache pages between prefill and decode
+//! workers, above all — across DRAM, VRAM, files, block devices and object stores, through
+//! pluggable backends. It implements the model of NVIDIA's NIXL (agents, registrations, a
+//! metadata blob, one-sided READ/WRITE requests with notifications) with a Rust API, and fixes
+//! what hurts NIXL's users: per-descriptor cost, busy polling, hangs on peer death, stale handles
+//! and opaque errors.
+//!
+//! ```
+//! use rixl::{Agent, AgentConfig, MemType, RegDesc, RegDescList, XferDescList, Desc, XferOp, XferOptions};
+//!
+//! let agent = Agent::new("worker-0", AgentConfig::default().backend("LOOPBACK"))?;
+//! let src = vec![7u8; 4096];
+//! let mut dst = vec![0u8; 4096];
+//! let regs = RegDescList::from_descs(MemType::Dram, vec![
+//!     RegDesc::new(src.as_ptr() as u64, 4096, 0),
+//!     RegDesc::new(dst.as_mut_ptr() as u64, 4096, 0),
+//! ]);
+//! // SAFETY: both buffers outlive their registration and are not touched during the transfer.
+//! unsafe { agent.register_mem(&regs, &[])? };
+//! let local = XferDescList::from_descs(MemType::Dram, vec![Desc::new(src.as_ptr() as u64, 4096, 0)]);
+//! let target = XferDescList::from_descs(MemType::Dram, vec![Desc::new(dst.as_ptr() as u64, 4096, 0)]);
+//! let req = agent.create_xfer_req(XferOp::Write, &local, &target, "worker-0", &XferOptions::with_notif("done"))?;
+//! req.post()?;
+//! req.wait(None)?;
+//! assert_eq!(dst, src);
+//! assert_eq!(agent.get_notifs(&[])?[0].msg, b"done");
+//! # Ok::<(), rixl::Error>(())
+//! ```
+//!
+//! Layout: [`Agent`] (backends, registrations, metadata cache, notifications) in `agent`;
+//! prepared lists and requests in `xfer`; the remote metadata cache in `remote`; built-in
+//! backends in `registry` (the in-process `LOOPBACK` backend lives here, the others in their
+//! own crates). Types shared with backends come from `rixl-core` and are re-exported.
+
+#![warn(missing_docs)]
+
+mod agent;
+pub mod config;
+pub mod loopback;
+pub mod registry;
+mod remote;
+mod xfer;
+
+pub use agent::{Agent, INIT_AGENT, INIT_AGENT_NAME};
+pub use config::AgentConfig;
+pub use rixl_core::{
+    self as core, Capabilities, CostEstimate, CostMethod, Desc, Error, ErrorKind, MemType,
+    Notification, Params, RegDesc, RegDescList, Result, StridedDesc, XferDescList, XferOp,
+    XferStatus,
+};
+pub use xfer::{PreparedList, XferOptions, XferRequest, XferTelemetry};

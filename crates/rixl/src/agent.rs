@@ -1,0 +1,1001 @@
+//! The agent: backends, registrations, the remote metadata cache and notifications.
+//!
+//! Locking: `backends`, `regs` and `remotes` are independent `RwLock`s taken in that order when
+//! more than one is needed; none is held across a backend's transfer. The hot path (make a
+//! request from a prepared list, post it, wait) takes no agent-wide lock at all: requests keep
+//! `Arc`s to what they use and check two atomics (remote entry validity, registration epoch).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use parking_lot::RwLock;
+use rixl_core::{
+    AgentHooks, AgentMetadata, Backend, BackendContext, Capabilities, ConnInfo, Desc, Error,
+    MemType, MetadataSection, NotifQueue, Notification, Params, PublishedRegion, RegDescList,
+    RegIndex, Result,
+};
+
+use crate::config::AgentConfig;
+use crate::registry;
+use crate::remote::{RemoteEntry, RemoteRegion, RemoteSection, RemoteState};
+
+/// The name NIXL uses for "the local side" in `prep_xfer_dlist` (`NIXL_INIT_AGENT`).
+pub const INIT_AGENT: &str = "";
+/// The spelled-out form NIXL's Python layer also accepts for the local side.
+pub const INIT_AGENT_NAME: &str = "NIXL_INIT_AGENT";
+
+/// A created backend as the agent keeps it.
+#[derive(Clone, Debug)]
+pub(crate) struct BackendSlot {
+    pub name: Arc<str>,
+    pub backend: Arc<dyn Backend>,
+    pub caps: Capabilities,
+    pub index: usize,
+}
+
+/// One local registration in one backend.
+#[derive(Clone, Debug)]
+pub(crate) struct LocalReg {
+    /// Agent-wide unique id; requests remember the ids they use.
+    pub id: u64,
+    /// The backend's token for the region.
+    pub token: u64,
+    /// Token to use when this agent is its own target.
+    pub target_token: u64,
+    pub public: Vec<u8>,
+}
+
+#[derive(Debug)]
+pub(crate) struct LocalSection {
+    pub mem: MemType,
+    pub backend: usize,
+    pub index: RegIndex<LocalReg>,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct LocalRegs {
+    pub sections: Vec<LocalSection>,
+    /// Ids of live registrations.
+    pub live: HashSet<u64>,
+}
+
+impl LocalRegs {
+    pub fn section(&self, mem: MemType, backend: usize) -> Option<&LocalSection> {
+        self.sections
+            .iter()
+            .find(|s| s.mem == mem && s.backend == backend)
+    }
+}
+
+pub(crate) struct AgentInner {
+    pub name: String,
+    pub config: AgentConfig,
+    pub alive: AtomicBool,
+    pub backends: RwLock<Vec<BackendSlot>>,
+    pub regs: RwLock<LocalRegs>,
+    /// Bumped by every deregistration; requests built before re-check their regions.
+    pub reg_epoch: AtomicU64,
+    next_reg_id: AtomicU64,
+    pub remotes: RwLock<HashMap<String, Arc<RemoteEntry>>>,
+    pub notifs: Arc<NotifQueue>,
+}
+
+impl std::fmt::Debug for AgentInner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("name", &self.name)
+            .field("backends", &self.backends.read().len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl AgentHooks for AgentInner {
+    fn peer_lost(&self, peer: &str, reason: &Error) {
+        tracing::warn!(agent = %self.name, peer, "peer lost: {reason}; invalidating its metadata");
+        self.invalidate_remote(peer);
+    }
+}
+
+/// A RIXL agent: one per process, usually, named uniquely by the application.
+///
+/// `Agent` is `Send + Sync` and every method takes `&self`: share it between threads with an
+/// `Arc`. Dropping it releases everything: remote metadata is unloaded, remaining registrations
+/// are deregistered and backends are destroyed; requests and prepared lists that outlive it
+/// fail with `NotFound`.
+#[derive(Debug)]
+pub struct Agent {
+    pub(crate) inner: Arc<AgentInner>,
+}
+
+impl Agent {
+    /// Creates an agent named `name` (non-empty) and the backends listed in `config`.
+    pub fn new(name: &str, config: AgentConfig) -> Result<Agent> {
+        if name.is_empty() {
+            return Err(Error::invalid_param("the agent name must not be empty"));
+        }
+        if name.len() > rixl_core::metadata::MAX_AGENT_NAME {
+            return Err(Error::invalid_param(
+                "the agent name is longer than 1024 bytes",
+            ));
+        }
+        let config = config.with_env();
+        let backends = config.backends.clone();
+        let agent = Agent {
+            inner: Arc::new(AgentInner {
+                name: name.to_owned(),
+                config,
+                alive: AtomicBool::new(true),
+                backends: RwLock::new(Vec::new()),
+                regs: RwLock::new(LocalRegs::default()),
+                reg_epoch: AtomicU64::new(0),
+                next_reg_id: AtomicU64::new(1),
+                remotes: RwLock::new(HashMap::new()),
+                notifs: NotifQueue::new(),
+            }),
+        };
+        for (b, params) in &backends {
+            agent.create_backend(b, params)?;
+        }
+        Ok(agent)
+    }
+
+    /// The agent's name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// Whether per-request telemetry is recorded.
+    pub fn telemetry_enabled(&self) -> bool {
+        self.inner.config.capture_telemetry
+    }
+
+    // ---------------------------------------------------------------- backends
+
+    /// Names of the backends this build can create (NIXL's `getAvailPlugins`).
+    pub fn available_backends() -> Vec<&'static str> {
+        registry::available()
+    }
+
+    /// Advertised parameters and defaults of a backend this build has.
+    pub fn plugin_params(backend: &str) -> Result<Params> {
+        registry::factory(backend)
+            .map(registry::default_params)
+            .ok_or_else(|| unknown_plugin(backend))
+    }
+
+    /// Memory types a backend this build has can handle.
+    pub fn plugin_mem_types(backend: &str) -> Result<Vec<MemType>> {
+        registry::factory(backend)
+            .map(|f| f.mems.to_vec())
+            .ok_or_else(|| unknown_plugin(backend))
+    }
+
+    /// Creates backend `name` with `params` (merged over its defaults). Creation order is the
+    /// preference order for transfers. Returns the backend's index.
+    pub fn create_backend(&self, name: &str, params: &Params) -> Result<usize> {
+        let factory = registry::factory(name).ok_or_else(|| unknown_plugin(name))?;
+        let mut backends = self.inner.backends.write();
+        if backends.iter().any(|b| &*b.name == name) {
+            return Err(
+                Error::invalid_param(format!("backend {name} was already created"))
+                    .with_backend(name),
+            );
+        }
+        let mut merged = registry::default_params(factory);
+        merged.extend(params.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let index = backends.len();
+        let hooks: Weak<AgentInner> = Arc::downgrade(&self.inner);
+        let ctx = BackendContext {
+            agent_name: self.inner.name.clone(),
+            index,
+            params: merged,
+            notifs: self.inner.notifs.sender(index),
+            progress_thread: self.inner.config.progress_thread,
+            hooks,
+        };
+        let backend = (factory.create)(ctx).map_err(|e| {
+            let e = if e.kind() == rixl_core::ErrorKind::InvalidParam {
+                e
+            } else {
+                Error::backend(format!("backend {name} failed to initialise: {e}"))
+            };
+            e.with_backend(name)
+        })?;
+        let caps = backend.capabilities();
+        if caps.remote && !caps.notif {
+            return Err(Error::backend(format!(
+                "backend {name} is remote-capable but cannot carry notifications"
+            )));
+        }
+        backends.push(BackendSlot {
+            name: Arc::from(name),
+            backend,
+            caps,
+            index,
+        });
+        Ok(index)
+    }
+
+    /// Names of the created backends, in preference order.
+    pub fn backends(&self) -> Vec<String> {
+        self.inner
+            .backends
+            .read()
+            .iter()
+            .map(|b| b.name.to_string())
+            .collect()
+    }
+
+    /// Effective parameters of a created backend (defaults merged with what was passed).
+    pub fn backend_params(&self, name: &str) -> Result<Params> {
+        Ok(self.inner.slot(name)?.backend.params())
+    }
+
+    /// Capabilities of a created backend.
+    pub fn backend_capabilities(&self, name: &str) -> Result<Capabilities> {
+        Ok(self.inner.slot(name)?.caps)
+    }
+
+    // ---------------------------------------------------------------- memory
+
+    /// Registers every descriptor of `list` with the named backends, or with every backend that
+    /// supports the list's memory type. Succeeds if at least one backend accepts all of them.
+    ///
+    /// # Safety
+    ///
+    /// For DRAM (and VRAM), every range must be memory of this process that stays allocated
+    /// until it is deregistered or the agent is dropped, and that is not read or written by the
+    /// program while a transfer into or out of it may be running: backends read and write it by
+    /// address, from other threads and, for remote peers, on behalf of other processes. Storage
+    /// types (FILE, BLK, OBJ) address offsets, not memory, and carry no such obligation.
+    pub unsafe fn register_mem(&self, list: &RegDescList, backends: &[&str]) -> Result<()> {
+        self.inner.register(list, backends)
+    }
+
+    /// Deregisters descriptors that equal registrations exactly, from the named backends or from
+    /// every backend holding them. Requests and prepared lists that use them become stale.
+    pub fn deregister_mem(&self, list: &RegDescList, backends: &[&str]) -> Result<()> {
+        self.inner.deregister(list, backends)
+    }
+
+    /// Asks `backend` about registrations that may not exist yet (files, objects).
+    pub fn query_mem(&self, list: &RegDescList, backend: &str) -> Result<Vec<Option<Params>>> {
+        let slot = self.inner.slot(backend)?;
+        slot.backend
+            .query_mem(list.mem(), list.descs())
+            .map_err(|e| e.with_backend(backend))
+    }
+
+    // ---------------------------------------------------------------- metadata
+
+    /// The full metadata blob: connection info of every remote-capable backend and every
+    /// registration they hold.
+    pub fn local_metadata(&self) -> Result<Vec<u8>> {
+        self.inner.local_metadata(None, true, &[])
+    }
+
+    /// A partial blob: the listed registrations (which must match exactly), plus connection info
+    /// if `include_conn`. An empty list gives connection info only.
+    pub fn local_partial_metadata(
+        &self,
+        list: &RegDescList,
+        include_conn: bool,
+        backends: &[&str],
+    ) -> Result<Vec<u8>> {
+        if list.is_empty() {
+            return self.inner.local_metadata(Some(list), true, backends);
+        }
+        self.inner
+            .local_metadata(Some(list), include_conn, backends)
+    }
+
+    /// Loads a peer's blob (full or partial) and returns the peer's name. Loading does not
+    /// connect. The load is atomic: on error the cache is exactly as before.
+    pub fn load_remote_metadata(&self, blob: &[u8]) -> Result<String> {
+        self.inner.load_remote(blob)
+    }
+
+    /// Drops everything known about `agent` and disconnects the common backends. Prepared lists
+    /// and requests built against it become stale. Unknown names are ignored.
+    pub fn invalidate_remote_metadata(&self, agent: &str) {
+        self.inner.invalidate_remote(agent);
+    }
+
+    /// True if metadata for `agent` is loaded and, when `descs` is given and non-empty, one
+    /// common backend covers all of them. Never fails.
+    pub fn check_remote_metadata(
+        &self,
+        agent: &str,
+        descs: Option<&rixl_core::XferDescList>,
+    ) -> bool {
+        self.inner.check_remote(agent, descs)
+    }
+
+    /// The generation of the loaded metadata of `agent`: a new number each time its entry is
+    /// created from scratch (after invalidation), unchanged by partial loads.
+    pub fn remote_generation(&self, agent: &str) -> Option<u64> {
+        self.inner.remotes.read().get(agent).map(|e| e.generation)
+    }
+
+    /// Connects every common backend (or the named ones) to `agent` ahead of the first transfer.
+    pub fn make_connection(&self, agent: &str, backends: &[&str]) -> Result<()> {
+        let entry = self.inner.remote(agent)?;
+        let filter = self.inner.backend_filter(backends)?;
+        let slots = self.inner.backends.read().clone();
+        let state = entry.state.read();
+        let mut any = false;
+        for slot in slots.iter().filter(|s| filter.allows(s.index)) {
+            if state.reachable(slot.index) {
+                slot.backend
+                    .connect(agent)
+                    .map_err(|e| e.with_backend(&slot.name).with_peer(agent))?;
+                any = true;
+            }
+        }
+        if !any {
+            return Err(
+                Error::backend(format!("no backend in common with agent {agent:?}"))
+                    .with_peer(agent),
+            );
+        }
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- notifications
+
+    /// Sends a standalone notification to `agent` (your own name works too) through `backend`,
+    /// or the first notification backend that reaches it.
+    pub fn send_notif(&self, agent: &str, msg: &[u8], backend: Option<&str>) -> Result<()> {
+        let slots = self.inner.backends.read().clone();
+        let named = backend.map(|b| self.inner.slot(b)).transpose()?;
+        let candidates = slots
+            .iter()
+            .filter(|s| named.as_ref().is_none_or(|n| n.index == s.index))
+            .filter(|s| s.caps.notif);
+        if agent == self.inner.name {
+            let slot = candidates
+                .into_iter()
+                .find(|s| s.caps.local)
+                .ok_or_else(|| Error::backend("no local notification-capable backend"))?;
+            return slot
+                .backend
+                .send_notif(agent, msg)
+                .map_err(|e| e.with_backend(&slot.name));
+        }
+        let entry = self.inner.remote(agent)?;
+        let state = entry.state.read();
+        let slot = candidates
+            .into_iter()
+            .find(|s| state.reachable(s.index))
+            .ok_or_else(|| {
+                Error::backend(format!("no notification backend reaches agent {agent:?}"))
+                    .with_peer(agent)
+            })?;
+        drop(state);
+        slot.backend
+            .send_notif(agent, msg)
+            .map_err(|e| e.with_backend(&slot.name).with_peer(agent))
+    }
+
+    /// Drains the notifications received so far (from every notification backend, or the named
+    /// ones), in arrival order.
+    pub fn get_notifs(&self, backends: &[&str]) -> Result<Vec<Notification>> {
+        let filter = self.inner.notif_filter(backends)?;
+        Ok(self.inner.notifs.drain(|b| filter.allows(b)))
+    }
+
+    /// Blocks until a notification is available or `timeout` passes, without consuming it.
+    /// Returns whether one is available.
+    pub fn wait_notif(&self, timeout: Duration) -> bool {
+        self.inner.notifs.wait(timeout, |_| true)
+    }
+
+    /// Drains the notifications and groups them by sender (NIXL's `getNotifs` shape).
+    pub fn get_notifs_by_agent(&self, backends: &[&str]) -> Result<HashMap<String, Vec<Vec<u8>>>> {
+        let mut map: HashMap<String, Vec<Vec<u8>>> = HashMap::new();
+        for n in self.get_notifs(backends)? {
+            map.entry(n.from).or_default().push(n.msg);
+        }
+        Ok(map)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let inner = &self.inner;
+        inner.alive.store(false, Ordering::Release);
+        let names: Vec<String> = inner.remotes.read().keys().cloned().collect();
+        for n in names {
+            inner.invalidate_remote(&n);
+        }
+        let slots = inner.backends.read().clone();
+        let mut regs = inner.regs.write();
+        for section in regs.sections.iter_mut() {
+            let backend = &slots[section.backend].backend;
+            for e in section.index.drain() {
+                if let Err(err) = backend.deregister(section.mem, e.value.token) {
+                    tracing::warn!("deregistration at agent teardown failed: {err}");
+                }
+            }
+        }
+        regs.live.clear();
+        drop(regs);
+        inner.reg_epoch.fetch_add(1, Ordering::AcqRel);
+        inner.backends.write().clear();
+    }
+}
+
+fn unknown_plugin(name: &str) -> Error {
+    Error::not_found(format!(
+        "no backend named {name:?} in this build (available: {})",
+        registry::available().join(", ")
+    ))
+}
+
+/// Which backends (by index) a call may use.
+pub(crate) struct BackendFilter(Option<Vec<usize>>);
+
+impl BackendFilter {
+    pub fn allows(&self, index: usize) -> bool {
+        self.0.as_ref().is_none_or(|v| v.contains(&index))
+    }
+}
+
+impl AgentInner {
+    pub fn slot(&self, name: &str) -> Result<BackendSlot> {
+        self.backends
+            .read()
+            .iter()
+            .find(|b| &*b.name == name)
+            .cloned()
+            .ok_or_else(|| {
+                Error::not_found(format!("backend {name} was not created on this agent"))
+                    .with_backend(name)
+            })
+    }
+
+    pub fn backend_filter(&self, names: &[&str]) -> Result<BackendFilter> {
+        if names.is_empty() {
+            return Ok(BackendFilter(None));
+        }
+        let mut v = Vec::with_capacity(names.len());
+        for n in names {
+            v.push(self.slot(n)?.index);
+        }
+        Ok(BackendFilter(Some(v)))
+    }
+
+    fn notif_filter(&self, names: &[&str]) -> Result<BackendFilter> {
+        let slots = self.backends.read();
+        if !slots.iter().any(|s| s.caps.notif) {
+            return Err(Error::backend(
+                "no notification-capable backend was created",
+            ));
+        }
+        drop(slots);
+        self.backend_filter(names)
+    }
+
+    pub fn remote(&self, agent: &str) -> Result<Arc<RemoteEntry>> {
+        if agent == self.name {
+            return Err(Error::not_found(format!(
+                "{agent:?} is this agent's own name, not a remote agent"
+            )));
+        }
+        self.remotes.read().get(agent).cloned().ok_or_else(|| {
+            Error::not_found(format!("no metadata loaded for agent {agent:?}")).with_peer(agent)
+        })
+    }
+
+    fn register(&self, list: &RegDescList, names: &[&str]) -> Result<()> {
+        let mem = list.mem();
+        for (i, d) in list.descs().iter().enumerate() {
+            d.check(mem, i)?;
+        }
+        if list.is_empty() {
+            return Err(Error::invalid_param("the registration list is empty"));
+        }
+        let filter = self.backend_filter(names)?;
+        let slots: Vec<BackendSlot> = self
+            .backends
+            .read()
+            .iter()
+            .filter(|s| filter.allows(s.index) && s.caps.supports(mem))
+            .cloned()
+            .collect();
+        if slots.is_empty() {
+            return Err(
+                Error::not_found(format!("no created backend supports {mem} memory")).with_mem(mem),
+            );
+        }
+        let mut regs = self.regs.write();
+        // Refuse overlaps (with existing registrations and within the list) before touching any
+        // backend, so that a refused call changes nothing.
+        for slot in &slots {
+            let mut probe: RegIndex<()> = if self.config.allow_overlapping_registrations {
+                RegIndex::allowing_overlap()
+            } else {
+                RegIndex::new()
+            };
+            for (i, d) in list.descs().iter().enumerate() {
+                if let Some(sec) = regs.section(mem, slot.index) {
+                    sec.index.check_insert(&d.desc).map_err(|e| {
+                        Error::invalid_param(format!("registration {i}: {}", e.message()))
+                            .with_backend(&slot.name)
+                            .with_mem(mem)
+                    })?;
+                }
+                probe.insert(d.desc, ()).map_err(|e| {
+                    Error::invalid_param(format!(
+                        "registration {i} overlaps another entry of the same list: {}",
+                        e.message()
+                    ))
+                    .with_mem(mem)
+                })?;
+            }
+        }
+        let mut accepted = 0usize;
+        let mut last_err = None;
+        for slot in &slots {
+            let mut done: Vec<(rixl_core::Desc, LocalReg)> = Vec::with_capacity(list.len());
+            let mut failed = None;
+            for d in list.descs() {
+                let r = slot.backend.register(mem, d).and_then(|region| {
+                    let target_token = slot.backend.local_target_token(mem, region.token)?;
+                    Ok(LocalReg {
+                        id: self.next_reg_id.fetch_add(1, Ordering::Relaxed),
+                        token: region.token,
+                        target_token,
+                        public: region.public,
+                    })
+                });
+                match r {
+                    Ok(reg) => done.push((d.desc, reg)),
+                    Err(e) => {
+                        failed = Some(e.with_backend(&slot.name).with_mem(mem));
+                        break;
+                    }
+                }
+            }
+            if let Some(e) = failed {
+                for (_, reg) in done {
+                    let _ = slot.backend.deregister(mem, reg.token);
+                }
+                tracing::warn!("registration with {} failed: {e}", slot.name);
+                last_err = Some(e);
+                continue;
+            }
+            let allow = self.config.allow_overlapping_registrations;
+            let LocalRegs { sections, live } = &mut *regs;
+            let pos = match sections
+                .iter()
+                .position(|s| s.mem == mem && s.backend == slot.index)
+            {
+                Some(p) => p,
+                None => {
+                    sections.push(LocalSection {
+                        mem,
+                        backend: slot.index,
+                        index: if allow {
+                            RegIndex::allowing_overlap()
+                        } else {
+                            RegIndex::new()
+                        },
+                    });
+                    sections.len() - 1
+                }
+            };
+            for (desc, reg) in done {
+                live.insert(reg.id);
+                sections[pos]
+                    .index
+                    .insert(desc, reg)
+                    .expect("overlap was checked under the same lock");
+            }
+            accepted += 1;
+        }
+        if accepted == 0 {
+            let e = last_err.expect("at least one backend was tried");
+            return Err(if e.kind() == rixl_core::ErrorKind::InvalidParam {
+                e
+            } else {
+                Error::backend(format!(
+                    "every backend refused the registration: {}",
+                    e.message()
+                ))
+                .with_mem(mem)
+            });
+        }
+        Ok(())
+    }
+
+    fn deregister(&self, list: &RegDescList, names: &[&str]) -> Result<()> {
+        let mem = list.mem();
+        let filter = self.backend_filter(names)?;
+        let slots = self.backends.read().clone();
+        let mut regs = self.regs.write();
+        // Check everything first: a refused call changes nothing.
+        let mut plan: Vec<(usize, Desc)> = Vec::new();
+        for (i, d) in list.descs().iter().enumerate() {
+            let mut found = false;
+            for (si, sec) in regs.sections.iter().enumerate() {
+                if sec.mem == mem
+                    && filter.allows(sec.backend)
+                    && sec.index.find_exact(&d.desc).is_some()
+                {
+                    if plan.iter().any(|(s, pd)| *s == si && *pd == d.desc) {
+                        continue;
+                    }
+                    plan.push((si, d.desc));
+                    found = true;
+                }
+            }
+            if !found {
+                return Err(Error::not_found(format!(
+                    "deregistration {i} (addr {:#x}, len {}, dev {}) does not match a registration exactly",
+                    d.desc.addr, d.desc.len, d.desc.dev
+                ))
+                .with_mem(mem));
+            }
+        }
+        let mut first_err = None;
+        for (si, desc) in plan {
+            let backend = regs.sections[si].backend;
+            let reg = regs.sections[si]
+                .index
+                .remove_exact(&desc)
+                .expect("checked above under the same lock");
+            regs.live.remove(&reg.id);
+            if let Err(e) = slots[backend].backend.deregister(mem, reg.token) {
+                first_err.get_or_insert(e.with_backend(&slots[backend].name));
+            }
+        }
+        regs.sections.retain(|s| !s.index.is_empty());
+        drop(regs);
+        self.reg_epoch.fetch_add(1, Ordering::AcqRel);
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn local_metadata(
+        &self,
+        only: Option<&RegDescList>,
+        include_conn: bool,
+        names: &[&str],
+    ) -> Result<Vec<u8>> {
+        let filter = self.backend_filter(names)?;
+        let slots: Vec<BackendSlot> = self
+            .backends
+            .read()
+            .iter()
+            .filter(|s| s.caps.remote && filter.allows(s.index))
+            .cloned()
+            .collect();
+        if slots.is_empty() {
+            return Err(Error::invalid_param(
+                "no remote-capable backend: there is no metadata to publish",
+            ));
+        }
+        let mut md = AgentMetadata {
+            agent: self.name.clone(),
+            ..AgentMetadata::default()
+        };
+        if include_conn {
+            for s in &slots {
+                if let Some(info) = s.backend.conn_info() {
+                    md.conn.push(ConnInfo {
+                        backend: s.name.to_string(),
+                        info,
+                    });
+                }
+            }
+        }
+        let regs = self.regs.read();
+        match only {
+            None => {
+                for sec in &regs.sections {
+                    if let Some(s) = slots.iter().find(|s| s.index == sec.backend) {
+                        md.sections.push(MetadataSection {
+                            backend: s.name.to_string(),
+                            mem: sec.mem,
+                            regions: sec
+                                .index
+                                .entries()
+                                .iter()
+                                .map(|e| PublishedRegion {
+                                    desc: e.desc,
+                                    public: e.value.public.clone(),
+                                })
+                                .collect(),
+                        });
+                    }
+                }
+            }
+            Some(list) => {
+                let mem = list.mem();
+                for (i, d) in list.descs().iter().enumerate() {
+                    let mut found = false;
+                    for s in &slots {
+                        let Some(sec) = regs.section(mem, s.index) else {
+                            continue;
+                        };
+                        let Some(pos) = sec.index.find_exact(&d.desc) else {
+                            continue;
+                        };
+                        found = true;
+                        let public = sec.index.entries()[pos].value.public.clone();
+                        let region = PublishedRegion {
+                            desc: d.desc,
+                            public,
+                        };
+                        match md
+                            .sections
+                            .iter_mut()
+                            .find(|m| m.mem == mem && *m.backend == *s.name)
+                        {
+                            Some(m) if m.regions.iter().any(|r| r.desc == d.desc) => {}
+                            Some(m) => m.regions.push(region),
+                            None => md.sections.push(MetadataSection {
+                                backend: s.name.to_string(),
+                                mem,
+                                regions: vec![region],
+                            }),
+                        }
+                    }
+                    if !found {
+                        return Err(Error::not_found(format!(
+                            "descriptor {i} (addr {:#x}, len {}, dev {}) is not exactly a registration of a remote-capable backend",
+                            d.desc.addr, d.desc.len, d.desc.dev
+                        ))
+                        .with_mem(mem));
+                    }
+                }
+            }
+        }
+        Ok(md.encode())
+    }
+
+    fn load_remote(&self, blob: &[u8]) -> Result<String> {
+        let md = AgentMetadata::decode(blob)?;
+        let peer = md.agent.as_str();
+        if peer == self.name {
+            return Err(Error::invalid_param(
+                "this blob is the agent's own metadata; an agent cannot load itself",
+            ));
+        }
+        let slots = self.backends.read().clone();
+        let by_name = |n: &str| slots.iter().find(|s| &*s.name == n && s.caps.remote);
+        let mut remotes = self.remotes.write();
+        let existing = remotes.get(peer).cloned();
+        let old = existing.as_ref().map(|e| e.state.read());
+
+        // Phase 1: validate everything against the current entry without side effects.
+        let mut new_conn: Vec<(&BackendSlot, &[u8])> = Vec::new();
+        let mut offered_known = false;
+        for c in &md.conn {
+            let Some(slot) = by_name(&c.backend) else {
+                continue;
+            };
+            offered_known = true;
+            match old.as_ref().and_then(|o| o.conn_of(slot.index)) {
+                Some(prev) if prev == c.info.as_slice() => {}
+                Some(_) => {
+                    return Err(Error::not_allowed(format!(
+                        "agent {peer:?} is already loaded with different {} connection info \
+                         (restarted?); invalidate it first",
+                        c.backend
+                    ))
+                    .with_peer(peer)
+                    .with_backend(&c.backend));
+                }
+                None => new_conn.push((slot, &c.info)),
+            }
+        }
+        if !md.conn.is_empty() && !offered_known && old.is_none() {
+            return Err(Error::backend(format!(
+                "agent {peer:?} offers no backend this agent has (it has {})",
+                md.conn
+                    .iter()
+                    .map(|c| c.backend.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+            .with_peer(peer));
+        }
+        let mut new_regions: Vec<(&BackendSlot, MemType, &PublishedRegion)> = Vec::new();
+        for sec in &md.sections {
+            let Some(slot) = by_name(&sec.backend) else {
+                continue;
+            };
+            let conn_known = new_conn.iter().any(|(s, _)| s.index == slot.index)
+                || old
+                    .as_ref()
+                    .is_some_and(|o| o.conn_of(slot.index).is_some());
+            if !conn_known {
+                return Err(Error::not_found(format!(
+                    "metadata of agent {peer:?} has {} registrations but its {} connection info \
+                     is not loaded yet; load a blob with connection info first",
+                    sec.mem, sec.backend
+                ))
+                .with_peer(peer)
+                .with_backend(&sec.backend));
+            }
+            let mut probe: RegIndex<()> = RegIndex::new();
+            let current = old.as_ref().and_then(|o| o.section(sec.mem, slot.index));
+            for r in &sec.regions {
+                if let Some(cur) = current {
+                    if let Some(pos) = cur.index.find_exact(&r.desc) {
+                        if cur.index.entries()[pos].value.public != r.public {
+                            return Err(Error::not_allowed(format!(
+                                "agent {peer:?} republished region (addr {:#x}, len {}) with different public data",
+                                r.desc.addr, r.desc.len
+                            ))
+                            .with_peer(peer)
+                            .with_backend(&sec.backend));
+                        }
+                        continue;
+                    }
+                    if cur.index.check_insert(&r.desc).is_err() {
+                        return Err(Error::not_allowed(format!(
+                            "agent {peer:?} published region (addr {:#x}, len {}) overlapping one already loaded",
+                            r.desc.addr, r.desc.len
+                        ))
+                        .with_peer(peer));
+                    }
+                }
+                if probe.insert(r.desc, ()).is_err() {
+                    return Err(Error::mismatch(format!(
+                        "metadata of agent {peer:?} holds overlapping regions at {:#x}",
+                        r.desc.addr
+                    ))
+                    .with_peer(peer));
+                }
+                new_regions.push((slot, sec.mem, r));
+            }
+        }
+        drop(old);
+
+        // Phase 2: hand the new parts to the backends, undoing on failure.
+        let mut accepted_conn: Vec<(usize, Vec<u8>)> = Vec::new();
+        let mut unreachable: Vec<(usize, Vec<u8>)> = Vec::new();
+        for (slot, info) in &new_conn {
+            match slot.backend.load_remote_conn_info(peer, info) {
+                Ok(()) => accepted_conn.push((slot.index, info.to_vec())),
+                Err(e) if e.kind() == rixl_core::ErrorKind::NotSupported => {
+                    tracing::debug!("{} cannot reach {peer}: {e}", slot.name);
+                    unreachable.push((slot.index, info.to_vec()));
+                }
+                Err(e) => {
+                    for (b, _) in &accepted_conn {
+                        slots[*b].backend.disconnect(peer);
+                    }
+                    return Err(e.with_backend(&slot.name).with_peer(peer));
+                }
+            }
+        }
+        let reachable_before = existing
+            .as_ref()
+            .is_some_and(|e| !e.state.read().conn.is_empty());
+        if !new_conn.is_empty() && accepted_conn.is_empty() && !reachable_before {
+            return Err(Error::backend(format!(
+                "no backend of this agent can reach agent {peer:?}"
+            ))
+            .with_peer(peer));
+        }
+        let reachable = |b: usize| {
+            accepted_conn.iter().any(|(i, _)| *i == b)
+                || existing
+                    .as_ref()
+                    .is_some_and(|e| e.state.read().reachable(b))
+        };
+        let mut loaded: Vec<(usize, MemType, Desc, RemoteRegion)> = Vec::new();
+        for (slot, mem, r) in &new_regions {
+            if !reachable(slot.index) {
+                continue;
+            }
+            match slot
+                .backend
+                .load_remote_region(peer, *mem, &r.desc, &r.public)
+            {
+                Ok(token) => loaded.push((
+                    slot.index,
+                    *mem,
+                    r.desc,
+                    RemoteRegion {
+                        public: r.public.clone(),
+                        token,
+                    },
+                )),
+                Err(e) => {
+                    for (b, m, _, rr) in &loaded {
+                        slots[*b].backend.unload_remote_region(peer, *m, rr.token);
+                    }
+                    for (b, _) in &accepted_conn {
+                        slots[*b].backend.disconnect(peer);
+                    }
+                    return Err(e.with_backend(&slot.name).with_peer(peer));
+                }
+            }
+        }
+
+        // Phase 3: commit.
+        let entry = match existing {
+            Some(e) => e,
+            None => {
+                let e = Arc::new(RemoteEntry::new(peer));
+                remotes.insert(peer.to_owned(), e.clone());
+                e
+            }
+        };
+        let mut st = entry.state.write();
+        let RemoteState {
+            conn,
+            unreachable: unr,
+            sections,
+        } = &mut *st;
+        conn.extend(accepted_conn);
+        unr.extend(unreachable);
+        for (b, mem, desc, rr) in loaded {
+            let pos = match sections.iter().position(|s| s.mem == mem && s.backend == b) {
+                Some(p) => p,
+                None => {
+                    sections.push(RemoteSection {
+                        mem,
+                        backend: b,
+                        index: RegIndex::new(),
+                    });
+                    sections.len() - 1
+                }
+            };
+            sections[pos]
+                .index
+                .insert(desc, rr)
+                .expect("overlap checked in phase 1");
+        }
+        Ok(peer.to_owned())
+    }
+
+    pub fn invalidate_remote(&self, agent: &str) {
+        let Some(entry) = self.remotes.write().remove(agent) else {
+            return;
+        };
+        entry.invalidate();
+        let slots = self.backends.read().clone();
+        let st = entry.state.read();
+        for sec in &st.sections {
+            if let Some(slot) = slots.get(sec.backend) {
+                for e in sec.index.entries() {
+                    slot.backend
+                        .unload_remote_region(agent, sec.mem, e.value.token);
+                }
+            }
+        }
+        for (b, _) in &st.conn {
+            if let Some(slot) = slots.get(*b) {
+                slot.backend.disconnect(agent);
+            }
+        }
+    }
+
+    fn check_remote(&self, agent: &str, descs: Option<&rixl_core::XferDescList>) -> bool {
+        let Some(entry) = self.remotes.read().get(agent).cloned() else {
+            return false;
+        };
+        let Some(list) = descs.filter(|l| !l.is_empty()) else {
+            return true;
+        };
+        let st = entry.state.read();
+        st.sections.iter().any(|sec| {
+            sec.mem == list.mem()
+                && st.reachable(sec.backend)
+                && list
+                    .descs()
+                    .iter()
+                    .all(|d| d.check_xfer(0).is_ok() && sec.index.find_covering(d).is_some())
+        })
+    }
+}

@@ -1,0 +1,259 @@
+//! `LOOPBACK`: moves DRAM inside one process with a memory copy.
+//!
+//! It serves two purposes. A transfer whose target is the agent itself (NIXL's loopback) is a
+//! plain copy between two of its registrations. And agents living in the same process can reach
+//! each other through it: the connection info names the process and the backend instance, so
+//! the whole remote path (metadata exchange, generations, notifications, peer loss when the other
+//! agent is dropped) runs end to end without a network. A peer in another process is simply
+//! unreachable through `LOOPBACK`, and selection moves on to another backend.
+//!
+//! Posts complete inline: the copy is done and the notification delivered before `post` returns.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+
+use parking_lot::{Mutex, RwLock};
+use rixl_core::{
+    Backend, BackendContext, BackendFactory, BackendXfer, Capabilities, CompletionHandle,
+    CostEstimate, CostMethod, Error, LocalRegion, MemType, NotifSender, Params, PostOutcome,
+    RegDesc, Result, Segment, XferOp, XferSpec,
+};
+
+/// The backend's name.
+pub const NAME: &str = "LOOPBACK";
+
+/// Registry entry.
+pub const FACTORY: BackendFactory = BackendFactory {
+    name: NAME,
+    mems: &[MemType::Dram],
+    default_params: &[],
+    create,
+};
+
+/// Rough in-process copy rate used by the cost estimate (bytes per microsecond).
+const COPY_BYTES_PER_US: u64 = 6_000;
+
+fn create(ctx: BackendContext) -> Result<Arc<dyn Backend>> {
+    if let Some(k) = ctx.params.keys().next() {
+        return Err(Error::invalid_param(format!(
+            "LOOPBACK takes no parameters (got {k:?})"
+        )));
+    }
+    let shared = Arc::new(Endpoint {
+        agent: ctx.agent_name.clone(),
+        notifs: ctx.notifs.clone(),
+    });
+    let instance = NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed);
+    instances()
+        .write()
+        .insert(instance, Arc::downgrade(&shared));
+    Ok(Arc::new(Loopback {
+        instance,
+        endpoint: shared,
+        next_token: AtomicU64::new(1),
+        peers: Mutex::new(HashMap::new()),
+        params: ctx.params,
+    }))
+}
+
+/// What other in-process agents need to reach this one.
+#[derive(Debug)]
+struct Endpoint {
+    agent: String,
+    notifs: NotifSender,
+}
+
+static NEXT_INSTANCE: AtomicU64 = AtomicU64::new(1);
+
+fn instances() -> &'static RwLock<HashMap<u64, Weak<Endpoint>>> {
+    static MAP: OnceLock<RwLock<HashMap<u64, Weak<Endpoint>>>> = OnceLock::new();
+    MAP.get_or_init(Default::default)
+}
+
+fn lookup(instance: u64) -> Option<Arc<Endpoint>> {
+    instances().read().get(&instance).and_then(Weak::upgrade)
+}
+
+/// The `LOOPBACK` backend.
+#[derive(Debug)]
+pub struct Loopback {
+    instance: u64,
+    endpoint: Arc<Endpoint>,
+    next_token: AtomicU64,
+    /// Peer agent name → its backend instance in this process.
+    peers: Mutex<HashMap<String, u64>>,
+    params: Params,
+}
+
+impl Drop for Loopback {
+    fn drop(&mut self) {
+        instances().write().remove(&self.instance);
+    }
+}
+
+fn encode_conn(instance: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(12);
+    v.extend_from_slice(&std::process::id().to_le_bytes());
+    v.extend_from_slice(&instance.to_le_bytes());
+    v
+}
+
+fn decode_conn(info: &[u8]) -> Result<(u32, u64)> {
+    if info.len() != 12 {
+        return Err(Error::mismatch(format!(
+            "LOOPBACK connection info must be 12 bytes, got {}",
+            info.len()
+        )));
+    }
+    let pid = u32::from_le_bytes(info[..4].try_into().expect("4 bytes"));
+    let inst = u64::from_le_bytes(info[4..].try_into().expect("8 bytes"));
+    Ok((pid, inst))
+}
+
+impl Loopback {
+    fn peer_endpoint(&self, peer: &str) -> Result<Arc<Endpoint>> {
+        let inst = *self.peers.lock().get(peer).ok_or_else(|| {
+            Error::not_found(format!("no LOOPBACK connection info for agent {peer:?}"))
+        })?;
+        lookup(inst).ok_or_else(|| {
+            Error::remote_disconnect(format!("agent {peer:?} no longer exists in this process"))
+        })
+    }
+}
+
+impl Backend for Loopback {
+    fn name(&self) -> &str {
+        NAME
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            remote: true,
+            local: true,
+            notif: true,
+            mems: vec![MemType::Dram],
+        }
+    }
+
+    fn params(&self) -> Params {
+        self.params.clone()
+    }
+
+    fn register(&self, mem: MemType, _desc: &RegDesc) -> Result<LocalRegion> {
+        if mem != MemType::Dram {
+            return Err(Error::not_supported(format!(
+                "LOOPBACK cannot register {mem} memory"
+            )));
+        }
+        Ok(LocalRegion {
+            token: self.next_token.fetch_add(1, Ordering::Relaxed),
+            public: Vec::new(),
+        })
+    }
+
+    fn deregister(&self, _mem: MemType, _token: u64) -> Result<()> {
+        Ok(())
+    }
+
+    fn conn_info(&self) -> Option<Vec<u8>> {
+        Some(encode_conn(self.instance))
+    }
+
+    fn load_remote_conn_info(&self, peer: &str, info: &[u8]) -> Result<()> {
+        let (pid, inst) = decode_conn(info)?;
+        if pid != std::process::id() {
+            return Err(Error::not_supported(format!(
+                "agent {peer:?} lives in process {pid}; LOOPBACK only reaches agents in this process"
+            )));
+        }
+        self.peers.lock().insert(peer.to_owned(), inst);
+        Ok(())
+    }
+
+    fn disconnect(&self, peer: &str) {
+        self.peers.lock().remove(peer);
+    }
+
+    fn connect(&self, peer: &str) -> Result<()> {
+        self.peer_endpoint(peer).map(drop)
+    }
+
+    fn prepare_xfer(&self, spec: XferSpec<'_>) -> Result<Box<dyn BackendXfer>> {
+        if spec.local_mem != MemType::Dram || spec.remote_mem != MemType::Dram {
+            return Err(Error::not_supported("LOOPBACK moves DRAM only"));
+        }
+        let target = if spec.loopback {
+            Arc::downgrade(&self.endpoint)
+        } else {
+            Arc::downgrade(&self.peer_endpoint(spec.peer)?)
+        };
+        Ok(Box::new(LoopbackXfer {
+            op: spec.op,
+            local: spec.local,
+            remote: spec.remote,
+            from: self.endpoint.agent.clone(),
+            target,
+        }))
+    }
+
+    fn send_notif(&self, peer: &str, msg: &[u8]) -> Result<()> {
+        let target = if peer == self.endpoint.agent {
+            self.endpoint.clone()
+        } else {
+            self.peer_endpoint(peer)?
+        };
+        target.notifs.deliver(&self.endpoint.agent, msg);
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+struct LoopbackXfer {
+    op: XferOp,
+    local: Vec<Segment>,
+    remote: Vec<Segment>,
+    from: String,
+    target: Weak<Endpoint>,
+}
+
+impl BackendXfer for LoopbackXfer {
+    fn post(&self, notif: Option<&[u8]>, _done: CompletionHandle) -> Result<PostOutcome> {
+        let target = self.target.upgrade().ok_or_else(|| {
+            Error::remote_disconnect("the target agent no longer exists in this process")
+        })?;
+        for (l, r) in self.local.iter().zip(&self.remote) {
+            let (src, dst) = match self.op {
+                XferOp::Write => (l.addr, r.addr),
+                XferOp::Read => (r.addr, l.addr),
+            };
+            debug_assert_eq!(l.len, r.len);
+            // SAFETY: both ranges were validated by the agent against live DRAM registrations of
+            // this process (the target's published ones, or our own for loopback), and whoever
+            // registered them promised, per `Agent::register_mem`, that they stay valid and are
+            // not accessed concurrently while registered. `copy` (memmove) tolerates overlap
+            // between source and destination.
+            unsafe {
+                std::ptr::copy(
+                    src as usize as *const u8,
+                    dst as usize as *mut u8,
+                    l.len as usize,
+                )
+            };
+        }
+        if let Some(msg) = notif {
+            target.notifs.deliver(&self.from, msg);
+        }
+        Ok(PostOutcome::Done)
+    }
+
+    fn estimate_cost(&self) -> Result<CostEstimate> {
+        let bytes: u64 = self.local.iter().map(|s| s.len).sum();
+        let duration_us = 1 + bytes / COPY_BYTES_PER_US;
+        Ok(CostEstimate {
+            duration_us,
+            margin_us: duration_us / 2,
+            method: CostMethod::AnalyticalBackend,
+        })
+    }
+}

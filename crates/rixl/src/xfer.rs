@@ -1,0 +1,1024 @@
+//! Prepared descriptor lists and transfer requests.
+//!
+//! A [`PreparedList`] is a transfer list validated once and resolved, for every backend that
+//! covers all of it, to that backend's region tokens. Requests are then made from index arrays
+//! in one tight loop (bounds check, length check, merge with the previous descriptor when both
+//! sides continue contiguously inside the same regions) without touching any agent lock.
+//!
+//! An [`XferRequest`] owns its backend transfer and its completion cell. `post` checks two
+//! atomics (the peer's metadata generation is still valid; no registration it uses was
+//! deregistered since it was built), starts a post on the completion cell (which enforces one
+//! active post), and hands the data to the backend.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use rixl_core::completion::{monotonic_micros, monotonic_nanos};
+use rixl_core::{
+    BackendXfer, Completion, CompletionFuture, CostEstimate, Desc, Error, MemType, PostOutcome,
+    RegIndex, Result, Segment, XferDescList, XferOp, XferSpec, XferStatus,
+};
+
+use crate::agent::{Agent, AgentInner, BackendSlot, LocalReg, INIT_AGENT, INIT_AGENT_NAME};
+use crate::remote::{RemoteEntry, RemoteRegion};
+
+/// Which side a prepared list describes.
+#[derive(Clone, Debug)]
+enum Side {
+    /// The initiator's own memory.
+    Local,
+    /// This agent as its own target (loopback, storage).
+    SelfTarget,
+    /// A remote agent's memory, as of the entry it was resolved against.
+    Remote(Arc<RemoteEntry>),
+}
+
+/// One backend's resolution of a prepared list.
+#[derive(Debug)]
+struct Resolution {
+    backend: BackendSlot,
+    /// Per descriptor: the backend's token for the covering region.
+    tokens: Vec<u64>,
+}
+
+#[derive(Debug)]
+struct PrepInner {
+    agent: Arc<AgentInner>,
+    side: Side,
+    mem: MemType,
+    descs: Vec<Desc>,
+    resolutions: Vec<Resolution>,
+    /// Distinct local registrations used (empty for remote lists).
+    reg_ids: Arc<[u64]>,
+}
+
+/// A descriptor list validated and resolved once, to build requests from by index.
+/// Cheap to clone (shared).
+#[derive(Clone, Debug)]
+pub struct PreparedList {
+    inner: Arc<PrepInner>,
+}
+
+impl PreparedList {
+    /// Number of descriptors (valid indices are `0..len()`).
+    pub fn len(&self) -> usize {
+        self.inner.descs.len()
+    }
+
+    /// Always false: empty lists cannot be prepared.
+    pub fn is_empty(&self) -> bool {
+        self.inner.descs.is_empty()
+    }
+
+    /// The memory type.
+    pub fn mem(&self) -> MemType {
+        self.inner.mem
+    }
+
+    /// The target agent's name for remote lists, this agent's name for self-target lists,
+    /// `None` for the local side.
+    pub fn agent(&self) -> Option<&str> {
+        match &self.inner.side {
+            Side::Local => None,
+            Side::SelfTarget => Some(&self.inner.agent.name),
+            Side::Remote(e) => Some(&e.name),
+        }
+    }
+
+    /// Names of the backends that cover every descriptor, in preference order.
+    pub fn backends(&self) -> Vec<String> {
+        self.inner
+            .resolutions
+            .iter()
+            .map(|r| r.backend.name.to_string())
+            .collect()
+    }
+
+    /// Fails with `NotFound` if the agent is gone, or the remote side was invalidated since.
+    fn check_fresh(&self) -> Result<()> {
+        if !self.inner.agent.alive.load(Ordering::Acquire) {
+            return Err(Error::not_found(
+                "the agent of this prepared list was dropped",
+            ));
+        }
+        if let Side::Remote(e) = &self.inner.side {
+            if !e.is_valid() {
+                return Err(Error::not_found(format!(
+                    "the metadata of agent {:?} was invalidated after this list was prepared",
+                    e.name
+                ))
+                .with_peer(&e.name));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Options for making or creating a request.
+#[derive(Clone, Debug, Default)]
+pub struct XferOptions {
+    /// Notification attached to every post (until replaced by a post that names another).
+    pub notif: Option<Vec<u8>>,
+    /// Backends allowed, in order of preference; empty lets the agent choose.
+    pub backends: Vec<String>,
+    /// Keep every index as its own descriptor (NIXL's deprecated `skip_desc_merge`).
+    pub skip_desc_merge: bool,
+    /// A deadline for each post: once it passes, `status`/`wait` cancel the post and report
+    /// `Timeout`.
+    pub timeout: Option<Duration>,
+}
+
+impl XferOptions {
+    /// Options carrying a notification.
+    pub fn with_notif(msg: impl Into<Vec<u8>>) -> XferOptions {
+        XferOptions {
+            notif: Some(msg.into()),
+            ..XferOptions::default()
+        }
+    }
+}
+
+/// Per-request telemetry of the last post (NIXL's `nixlXferTelemetry`); durations in whole
+/// microseconds, rounded up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct XferTelemetry {
+    /// Monotonic microseconds at the start of the last post.
+    pub start_time_us: u64,
+    /// Time spent inside the post call.
+    pub post_duration_us: u64,
+    /// Time from the start of the post until the data had moved.
+    pub xfer_duration_us: u64,
+    /// Bytes per post.
+    pub total_bytes: u64,
+    /// Descriptors per post, as NIXL counts them.
+    pub desc_count: u64,
+}
+
+#[derive(Debug)]
+struct ReqInner {
+    agent: Arc<AgentInner>,
+    op: XferOp,
+    backend: BackendSlot,
+    peer: Option<Arc<RemoteEntry>>,
+    xfer: Box<dyn BackendXfer>,
+    completion: Arc<Completion>,
+    notif: Mutex<Option<Vec<u8>>>,
+    /// Registrations used on this agent's side(s).
+    reg_ids: Vec<Arc<[u64]>>,
+    reg_epoch: AtomicU64,
+    total_bytes: u64,
+    desc_count: u64,
+    segments: usize,
+    timeout: Option<Duration>,
+    post_start_ns: AtomicU64,
+    post_duration_ns: AtomicU64,
+}
+
+/// A transfer request: post it, wait for it, repost it; dropping it releases it (cancelling a
+/// post in flight).
+#[derive(Debug)]
+pub struct XferRequest {
+    inner: Arc<ReqInner>,
+}
+
+impl Agent {
+    /// Prepares `list` for requests by index. `agent` is `""` or `"NIXL_INIT_AGENT"` for the
+    /// local (initiator) side, this agent's own name for a loopback / storage target, or a remote
+    /// agent's name. The list is resolved for every allowed backend that covers all of it.
+    pub fn prep_xfer_dlist(
+        &self,
+        agent: &str,
+        list: &XferDescList,
+        backends: &[&str],
+    ) -> Result<PreparedList> {
+        let inner = &self.inner;
+        if list.is_empty() {
+            return Err(Error::not_found("cannot prepare an empty descriptor list"));
+        }
+        let filter = inner.backend_filter(backends)?;
+        let mem = list.mem();
+        let descs = list.descs();
+        let side = if agent == INIT_AGENT || agent == INIT_AGENT_NAME {
+            Side::Local
+        } else if agent == inner.name {
+            Side::SelfTarget
+        } else {
+            Side::Remote(inner.remote(agent)?)
+        };
+        for (i, d) in descs.iter().enumerate() {
+            d.check_xfer(i)?;
+        }
+        let slots = inner.backends.read().clone();
+        let mut resolutions = Vec::new();
+        let mut reg_ids: Vec<u64> = Vec::new();
+        let mut first_miss: Option<(usize, String)> = None;
+        match &side {
+            Side::Local | Side::SelfTarget => {
+                let regs = inner.regs.read();
+                for slot in slots.iter().filter(|s| filter.allows(s.index)) {
+                    if matches!(side, Side::SelfTarget) && !slot.caps.local {
+                        continue;
+                    }
+                    let Some(sec) = regs.section(mem, slot.index) else {
+                        continue;
+                    };
+                    let self_target = matches!(side, Side::SelfTarget);
+                    let before = reg_ids.len();
+                    match resolve_local(&sec.index, descs, self_target, &mut reg_ids) {
+                        Ok(tokens) => resolutions.push(Resolution {
+                            backend: slot.clone(),
+                            tokens,
+                        }),
+                        Err(i) => {
+                            reg_ids.truncate(before);
+                            first_miss.get_or_insert((i, slot.name.to_string()));
+                        }
+                    }
+                }
+            }
+            Side::Remote(entry) => {
+                let st = entry.state.read();
+                for slot in slots.iter().filter(|s| filter.allows(s.index)) {
+                    if !st.reachable(slot.index) {
+                        continue;
+                    }
+                    let Some(sec) = st.section(mem, slot.index) else {
+                        continue;
+                    };
+                    match resolve_remote(&sec.index, descs) {
+                        Ok(tokens) => resolutions.push(Resolution {
+                            backend: slot.clone(),
+                            tokens,
+                        }),
+                        Err(i) => {
+                            first_miss.get_or_insert((i, slot.name.to_string()));
+                        }
+                    }
+                }
+            }
+        }
+        if resolutions.is_empty() {
+            let whose = match &side {
+                Side::Remote(e) => format!("agent {:?}", e.name),
+                _ => "this agent".to_owned(),
+            };
+            let e = match first_miss {
+                Some((i, b)) => Error::not_found(format!(
+                    "descriptor {i} (addr {:#x}, len {}, dev {}) is not covered by one {mem} registration of {whose}",
+                    descs[i].addr, descs[i].len, descs[i].dev
+                ))
+                .with_backend(&b),
+                None => Error::not_found(format!(
+                    "no backend holds {mem} registrations of {whose}"
+                )),
+            };
+            return Err(e.with_mem(mem));
+        }
+        reg_ids.sort_unstable();
+        reg_ids.dedup();
+        Ok(PreparedList {
+            inner: Arc::new(PrepInner {
+                agent: inner.clone(),
+                side,
+                mem,
+                descs: descs.to_vec(),
+                resolutions,
+                reg_ids: reg_ids.into(),
+            }),
+        })
+    }
+
+    /// Makes a request from two prepared lists and index arrays of equal length. Positions
+    /// whose indices both continue contiguously inside the same regions are merged into one
+    /// descriptor unless `opts.skip_desc_merge`.
+    pub fn make_xfer_req(
+        &self,
+        op: XferOp,
+        local: &PreparedList,
+        local_indices: &[usize],
+        remote: &PreparedList,
+        remote_indices: &[usize],
+        opts: &XferOptions,
+    ) -> Result<XferRequest> {
+        let (l, r) = (&*local.inner, &*remote.inner);
+        if !matches!(l.side, Side::Local) {
+            return Err(Error::invalid_param(
+                "the local prepared list was prepared for a target, not for the local side",
+            ));
+        }
+        if matches!(r.side, Side::Local) {
+            return Err(Error::invalid_param(
+                "the remote prepared list was prepared for the local side, not for a target",
+            ));
+        }
+        if !Arc::ptr_eq(&l.agent, &self.inner) || !Arc::ptr_eq(&r.agent, &self.inner) {
+            return Err(Error::invalid_param(
+                "prepared list belongs to another agent",
+            ));
+        }
+        if local_indices.is_empty() {
+            return Err(Error::invalid_param("no indices given"));
+        }
+        if local_indices.len() != remote_indices.len() {
+            return Err(Error::invalid_param(format!(
+                "{} local indices but {} remote indices",
+                local_indices.len(),
+                remote_indices.len()
+            )));
+        }
+        local.check_fresh()?;
+        remote.check_fresh()?;
+        let allowed: Vec<usize> = opts
+            .backends
+            .iter()
+            .map(|n| self.inner.slot(n).map(|s| s.index))
+            .collect::<Result<_>>()?;
+        let pick = |res: &[Resolution], b: usize| res.iter().position(|x| x.backend.index == b);
+        let candidates: Vec<usize> = if allowed.is_empty() {
+            l.resolutions.iter().map(|x| x.backend.index).collect()
+        } else {
+            allowed
+        };
+        let (li, ri) = candidates
+            .iter()
+            .find_map(|&b| Some((pick(&l.resolutions, b)?, pick(&r.resolutions, b)?)))
+            .ok_or_else(|| Error::invalid_param("no backend is common to both prepared lists"))?;
+        let (lres, rres) = (&l.resolutions[li], &r.resolutions[ri]);
+        let nl = l.descs.len();
+        let nr = r.descs.len();
+        let mut local_segs: Vec<Segment> = Vec::with_capacity(local_indices.len());
+        let mut remote_segs: Vec<Segment> = Vec::with_capacity(local_indices.len());
+        let merge = !opts.skip_desc_merge;
+        let mut total: u64 = 0;
+        let mut prev = (usize::MAX, usize::MAX);
+        for (k, (&a, &b)) in local_indices.iter().zip(remote_indices).enumerate() {
+            if a >= nl || b >= nr {
+                return Err(Error::invalid_param(format!(
+                    "index pair {k} ({a}, {b}) is out of range (lists have {nl} and {nr} descriptors)"
+                )));
+            }
+            let ld = l.descs[a];
+            let rd = r.descs[b];
+            if ld.len != rd.len {
+                return Err(Error::invalid_param(format!(
+                    "length mismatch at position {k}: local descriptor {a} has {} bytes, remote descriptor {b} has {}",
+                    ld.len, rd.len
+                )));
+            }
+            total = total.saturating_add(ld.len);
+            let (lt, rt) = (lres.tokens[a], rres.tokens[b]);
+            let extend = merge
+                && a == prev.0.wrapping_add(1)
+                && b == prev.1.wrapping_add(1)
+                && match (local_segs.last(), remote_segs.last()) {
+                    (Some(ls), Some(rs)) => {
+                        ls.token == lt
+                            && rs.token == rt
+                            && ls.dev == ld.dev
+                            && rs.dev == rd.dev
+                            && ls.addr + ls.len == ld.addr
+                            && rs.addr + rs.len == rd.addr
+                    }
+                    _ => false,
+                };
+            if extend {
+                if let (Some(ls), Some(rs)) = (local_segs.last_mut(), remote_segs.last_mut()) {
+                    ls.len += ld.len;
+                    rs.len += ld.len;
+                }
+            } else {
+                local_segs.push(Segment {
+                    addr: ld.addr,
+                    len: ld.len,
+                    dev: ld.dev,
+                    token: lt,
+                });
+                remote_segs.push(Segment {
+                    addr: rd.addr,
+                    len: rd.len,
+                    dev: rd.dev,
+                    token: rt,
+                });
+            }
+            prev = (a, b);
+        }
+        let desc_count = local_segs.len() as u64;
+        let backend = lres.backend.clone();
+        let mut reg_ids = vec![l.reg_ids.clone()];
+        if matches!(r.side, Side::SelfTarget) {
+            reg_ids.push(r.reg_ids.clone());
+        }
+        let peer = match &r.side {
+            Side::Remote(e) => Some(e.clone()),
+            _ => None,
+        };
+        self.finish_request(
+            op,
+            backend,
+            peer,
+            l.mem,
+            r.mem,
+            local_segs,
+            remote_segs,
+            Built {
+                reg_ids,
+                total,
+                desc_count,
+                epoch: self.inner.reg_epoch.load(Ordering::Acquire),
+            },
+            opts,
+        )
+    }
+
+    /// Creates a request directly from two transfer lists (NIXL's `createXferReq`): the first
+    /// backend, in preference order, that holds the local list and covers the remote one wins.
+    /// Contiguous descriptors are merged for the backend; telemetry still counts the caller's
+    /// descriptors, as NIXL does.
+    pub fn create_xfer_req(
+        &self,
+        op: XferOp,
+        local: &XferDescList,
+        remote: &XferDescList,
+        remote_agent: &str,
+        opts: &XferOptions,
+    ) -> Result<XferRequest> {
+        let inner = &self.inner;
+        if local.is_empty() || remote.is_empty() {
+            return Err(Error::not_found(
+                "cannot create a request from an empty descriptor list",
+            ));
+        }
+        if local.len() != remote.len() {
+            return Err(Error::invalid_param(format!(
+                "{} local descriptors but {} remote descriptors",
+                local.len(),
+                remote.len()
+            )));
+        }
+        let (ld, rd) = (local.descs(), remote.descs());
+        for (k, (a, b)) in ld.iter().zip(rd).enumerate() {
+            a.check_xfer(k)?;
+            b.check_xfer(k)?;
+            if a.len != b.len {
+                return Err(Error::invalid_param(format!(
+                    "length mismatch at position {k}: local {} bytes, remote {} bytes",
+                    a.len, b.len
+                )));
+            }
+        }
+        let loopback = remote_agent == inner.name;
+        let entry = if loopback {
+            None
+        } else {
+            Some(inner.remote(remote_agent)?)
+        };
+        let allowed =
+            inner.backend_filter(&opts.backends.iter().map(String::as_str).collect::<Vec<_>>())?;
+        let slots = inner.backends.read().clone();
+        let regs = inner.regs.read();
+        let remote_state = entry.as_ref().map(|e| e.state.read());
+        let mut first_miss: Option<Error> = None;
+        for slot in slots.iter().filter(|s| allowed.allows(s.index)) {
+            if opts.notif.is_some() && !slot.caps.notif {
+                continue;
+            }
+            let Some(lsec) = regs.section(local.mem(), slot.index) else {
+                continue;
+            };
+            let mut local_ids = Vec::new();
+            let mut target_ids = Vec::new();
+            let ltok = match resolve_local(&lsec.index, ld, false, &mut local_ids) {
+                Ok(t) => t,
+                Err(i) => {
+                    first_miss.get_or_insert_with(|| miss(i, &ld[i], "local", &slot.name));
+                    continue;
+                }
+            };
+            let rtok = match &remote_state {
+                None => {
+                    if !slot.caps.local {
+                        continue;
+                    }
+                    let Some(rsec) = regs.section(remote.mem(), slot.index) else {
+                        continue;
+                    };
+                    resolve_local(&rsec.index, rd, true, &mut target_ids)
+                }
+                Some(st) => {
+                    if !st.reachable(slot.index) {
+                        continue;
+                    }
+                    let Some(rsec) = st.section(remote.mem(), slot.index) else {
+                        continue;
+                    };
+                    resolve_remote(&rsec.index, rd)
+                }
+            };
+            let rtok = match rtok {
+                Ok(t) => t,
+                Err(i) => {
+                    first_miss.get_or_insert_with(|| miss(i, &rd[i], "remote", &slot.name));
+                    continue;
+                }
+            };
+            let (local_segs, remote_segs) = merge_segments(ld, &ltok, rd, &rtok);
+            local_ids.sort_unstable();
+            local_ids.dedup();
+            target_ids.sort_unstable();
+            target_ids.dedup();
+            let mut reg_ids = vec![Arc::<[u64]>::from(local_ids)];
+            if loopback {
+                reg_ids.push(target_ids.into());
+            }
+            let built = Built {
+                reg_ids,
+                total: local.total_bytes(),
+                desc_count: ld.len() as u64,
+                epoch: inner.reg_epoch.load(Ordering::Acquire),
+            };
+            drop(remote_state);
+            drop(regs);
+            return self.finish_request(
+                op,
+                slot.clone(),
+                entry,
+                local.mem(),
+                remote.mem(),
+                local_segs,
+                remote_segs,
+                built,
+                opts,
+            );
+        }
+        Err(first_miss
+            .unwrap_or_else(|| {
+                Error::not_found(format!(
+                    "no backend holds {} locally and {} at agent {remote_agent:?}{}",
+                    local.mem(),
+                    remote.mem(),
+                    if opts.notif.is_some() {
+                        " with notification support"
+                    } else {
+                        ""
+                    }
+                ))
+            })
+            .with_peer(remote_agent))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn finish_request(
+        &self,
+        op: XferOp,
+        backend: BackendSlot,
+        peer: Option<Arc<RemoteEntry>>,
+        local_mem: MemType,
+        remote_mem: MemType,
+        local: Vec<Segment>,
+        remote: Vec<Segment>,
+        built: Built,
+        opts: &XferOptions,
+    ) -> Result<XferRequest> {
+        if opts.notif.is_some() && !backend.caps.notif {
+            return Err(Error::backend(format!(
+                "a notification was requested but backend {} cannot carry notifications",
+                backend.name
+            ))
+            .with_backend(&backend.name));
+        }
+        let peer_name = peer
+            .as_ref()
+            .map_or(self.inner.name.as_str(), |e| e.name.as_str());
+        let segments = local.len();
+        let xfer = backend
+            .backend
+            .prepare_xfer(XferSpec {
+                op,
+                peer: peer_name,
+                loopback: peer.is_none(),
+                local_mem,
+                remote_mem,
+                local,
+                remote,
+            })
+            .map_err(|e| {
+                e.with_backend(&backend.name)
+                    .with_peer(peer_name)
+                    .with_op(op)
+            })?;
+        Ok(XferRequest {
+            inner: Arc::new(ReqInner {
+                agent: self.inner.clone(),
+                op,
+                backend,
+                peer,
+                xfer,
+                completion: Completion::new(),
+                notif: Mutex::new(opts.notif.clone()),
+                reg_ids: built.reg_ids,
+                reg_epoch: AtomicU64::new(built.epoch),
+                total_bytes: built.total,
+                desc_count: built.desc_count,
+                segments,
+                timeout: opts.timeout,
+                post_start_ns: AtomicU64::new(0),
+                post_duration_ns: AtomicU64::new(0),
+            }),
+        })
+    }
+}
+
+struct Built {
+    reg_ids: Vec<Arc<[u64]>>,
+    total: u64,
+    desc_count: u64,
+    epoch: u64,
+}
+
+fn miss(i: usize, d: &Desc, side: &str, backend: &str) -> Error {
+    Error::not_found(format!(
+        "{side} descriptor {i} (addr {:#x}, len {}, dev {}) is not covered by one registration",
+        d.addr, d.len, d.dev
+    ))
+    .with_backend(backend)
+}
+
+/// Resolves every descriptor against a local index; on a miss returns its position.
+fn resolve_local(
+    index: &RegIndex<LocalReg>,
+    descs: &[Desc],
+    self_target: bool,
+    reg_ids: &mut Vec<u64>,
+) -> std::result::Result<Vec<u64>, usize> {
+    let mut tokens = Vec::with_capacity(descs.len());
+    let mut hint = 0usize;
+    let mut last_id = u64::MAX;
+    for (i, d) in descs.iter().enumerate() {
+        let pos = index.find_covering_hinted(d, hint).ok_or(i)?;
+        hint = pos;
+        let reg = &index.entries()[pos].value;
+        if reg.id != last_id {
+            reg_ids.push(reg.id);
+            last_id = reg.id;
+        }
+        tokens.push(if self_target {
+            reg.target_token
+        } else {
+            reg.token
+        });
+    }
+    Ok(tokens)
+}
+
+/// Resolves every descriptor against a remote index; on a miss returns its position.
+fn resolve_remote(
+    index: &RegIndex<RemoteRegion>,
+    descs: &[Desc],
+) -> std::result::Result<Vec<u64>, usize> {
+    let mut tokens = Vec::with_capacity(descs.len());
+    let mut hint = 0usize;
+    for (i, d) in descs.iter().enumerate() {
+        let pos = index.find_covering_hinted(d, hint).ok_or(i)?;
+        hint = pos;
+        tokens.push(index.entries()[pos].value.token);
+    }
+    Ok(tokens)
+}
+
+/// Pairs descriptors position by position, merging neighbours that continue contiguously in
+/// the same regions on both sides.
+fn merge_segments(
+    ld: &[Desc],
+    lt: &[u64],
+    rd: &[Desc],
+    rt: &[u64],
+) -> (Vec<Segment>, Vec<Segment>) {
+    let mut ls: Vec<Segment> = Vec::with_capacity(ld.len());
+    let mut rs: Vec<Segment> = Vec::with_capacity(ld.len());
+    for k in 0..ld.len() {
+        let (a, b) = (ld[k], rd[k]);
+        if let (Some(pl), Some(pr)) = (ls.last_mut(), rs.last_mut()) {
+            if pl.token == lt[k]
+                && pr.token == rt[k]
+                && pl.dev == a.dev
+                && pr.dev == b.dev
+                && pl.addr + pl.len == a.addr
+                && pr.addr + pr.len == b.addr
+            {
+                pl.len += a.len;
+                pr.len += a.len;
+                continue;
+            }
+        }
+        ls.push(Segment {
+            addr: a.addr,
+            len: a.len,
+            dev: a.dev,
+            token: lt[k],
+        });
+        rs.push(Segment {
+            addr: b.addr,
+            len: b.len,
+            dev: b.dev,
+            token: rt[k],
+        });
+    }
+    (ls, rs)
+}
+
+impl XferRequest {
+    /// Posts the request with its current notification. Returns `Done` if the data moved
+    /// before the call returned, `InProgress` otherwise.
+    pub fn post(&self) -> Result<XferStatus> {
+        self.post_inner(None)
+    }
+
+    /// Posts with `notif`, which replaces the request's notification for this post and all
+    /// later ones (NIXL's stickiness). An empty message is sent as an empty notification.
+    pub fn post_with_notif(&self, notif: &[u8]) -> Result<XferStatus> {
+        self.post_inner(Some(notif))
+    }
+
+    /// Replaces (or clears, with `None`) the notification attached to later posts.
+    pub fn set_notif(&self, notif: Option<Vec<u8>>) {
+        *self.inner.notif.lock() = notif;
+    }
+
+    fn check_usable(&self) -> Result<()> {
+        let r = &*self.inner;
+        if !r.agent.alive.load(Ordering::Acquire) {
+            return Err(Error::not_found("the agent of this request was dropped"));
+        }
+        if let Some(p) = &r.peer {
+            if !p.is_valid() {
+                return Err(Error::not_found(format!(
+                    "the metadata of agent {:?} was invalidated after this request was made",
+                    p.name
+                ))
+                .with_peer(&p.name));
+            }
+        }
+        let now = r.agent.reg_epoch.load(Ordering::Acquire);
+        if now != r.reg_epoch.load(Ordering::Acquire) {
+            // Something was deregistered since: make sure it was nothing we use.
+            let regs = r.agent.regs.read();
+            for ids in &r.reg_ids {
+                if let Some(gone) = ids.iter().find(|id| !regs.live.contains(id)) {
+                    return Err(Error::not_found(format!(
+                        "a registration this request uses was deregistered (region id {gone})"
+                    )));
+                }
+            }
+            r.reg_epoch.store(now, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    fn post_inner(&self, notif: Option<&[u8]>) -> Result<XferStatus> {
+        let r = &*self.inner;
+        self.check_usable()
+            .map_err(|e| e.with_backend(&r.backend.name).with_op(r.op))?;
+        let telemetry = r.agent.config.capture_telemetry;
+        let start = if telemetry { monotonic_nanos() } else { 0 };
+        let handle = r.completion.begin()?;
+        let mut guard = r.notif.lock();
+        if let Some(n) = notif {
+            *guard = Some(n.to_vec());
+        }
+        let result = r.xfer.post(guard.as_deref(), handle.clone());
+        drop(guard);
+        let status = match result {
+            Ok(PostOutcome::Done) => {
+                handle.complete(Ok(()));
+                Ok(XferStatus::Done)
+            }
+            Ok(PostOutcome::InProgress) => Ok(XferStatus::InProgress),
+            Err(e) => {
+                let e = self.decorate(e);
+                handle.complete(Err(e.clone()));
+                self.on_error(&e);
+                Err(e)
+            }
+        };
+        if telemetry {
+            r.post_start_ns.store(start, Ordering::Release);
+            r.post_duration_ns.store(
+                monotonic_nanos().saturating_sub(start).max(1),
+                Ordering::Release,
+            );
+        }
+        status
+    }
+
+    fn decorate(&self, e: Error) -> Error {
+        let r = &*self.inner;
+        let e = e.with_backend(&r.backend.name).with_op(r.op);
+        match &r.peer {
+            Some(p) => e.with_peer(&p.name),
+            None => e,
+        }
+    }
+
+    fn on_error(&self, e: &Error) {
+        if e.kind() == rixl_core::ErrorKind::RemoteDisconnect {
+            if let Some(p) = &self.inner.peer {
+                self.inner.agent.invalidate_remote(&p.name);
+            }
+        }
+    }
+
+    /// The status of the last post: `InProgress`, `Done`, or its error. `NotPosted` before the
+    /// first post. A post past its deadline is cancelled and reported as `Timeout`.
+    pub fn status(&self) -> Result<XferStatus> {
+        let r = &*self.inner;
+        let s = r.completion.status();
+        match &s {
+            Ok(XferStatus::InProgress) => {
+                if let Some(p) = &r.peer {
+                    if !p.is_valid() {
+                        let e = Error::not_found(format!(
+                            "the metadata of agent {:?} was invalidated while this request was in flight",
+                            p.name
+                        ));
+                        let _ = r.xfer.cancel();
+                        r.completion.abort(self.decorate(e));
+                        return r.completion.status();
+                    }
+                }
+                if self.deadline_passed() {
+                    return self.expire();
+                }
+            }
+            Err(e) => self.on_error(e),
+            _ => {}
+        }
+        s
+    }
+
+    fn deadline_passed(&self) -> bool {
+        let r = &*self.inner;
+        match r.timeout {
+            Some(t) => {
+                let start = r.post_start_ns.load(Ordering::Acquire);
+                start != 0 && monotonic_nanos().saturating_sub(start) > t.as_nanos() as u64
+            }
+            None => false,
+        }
+    }
+
+    fn expire(&self) -> Result<XferStatus> {
+        let r = &*self.inner;
+        let _ = r.xfer.cancel();
+        let t = r.timeout.unwrap_or_default();
+        r.completion.abort(self.decorate(Error::timeout(format!(
+            "the transfer did not complete within {t:?}"
+        ))));
+        r.completion.status()
+    }
+
+    /// Blocks until the current post completes (or `timeout`, or the request's own deadline,
+    /// passes). Without a post in progress it returns the last status at once. On `timeout`
+    /// the post keeps running and `Timeout` is returned; at the request's deadline the post is
+    /// cancelled.
+    pub fn wait(&self, timeout: Option<Duration>) -> Result<XferStatus> {
+        let r = &*self.inner;
+        let deadline_left = r.timeout.map(|t| {
+            let start = r.post_start_ns.load(Ordering::Acquire);
+            let elapsed = Duration::from_nanos(monotonic_nanos().saturating_sub(start));
+            t.saturating_sub(elapsed)
+        });
+        let effective = match (timeout, deadline_left) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let started = Instant::now();
+        match r.completion.wait(effective) {
+            Err(e) if e.kind() == rixl_core::ErrorKind::Timeout => {
+                if deadline_left.is_some_and(|d| started.elapsed() >= d) {
+                    return self.expire();
+                }
+                Err(self.decorate(e))
+            }
+            Err(e) => {
+                self.on_error(&e);
+                Err(e)
+            }
+            ok => ok,
+        }
+    }
+
+    /// A future that resolves when the current post completes.
+    pub fn completion(&self) -> CompletionFuture {
+        CompletionFuture::new(self.inner.completion.clone())
+    }
+
+    /// Cancels the post in progress, if any. When this returns no byte of it lands any more,
+    /// and its status is `Canceled`. A request that already completed keeps its status.
+    pub fn cancel(&self) -> Result<()> {
+        let r = &*self.inner;
+        if !r.completion.in_progress() {
+            return Ok(());
+        }
+        r.xfer.cancel().map_err(|e| self.decorate(e))?;
+        r.completion
+            .abort(self.decorate(Error::canceled("the transfer was cancelled")));
+        Ok(())
+    }
+
+    /// Releases the request, cancelling a post in flight (same as dropping it, but reports a
+    /// failed cancel).
+    pub fn release(self) -> Result<()> {
+        self.cancel()
+    }
+
+    /// Telemetry of the last post. `NoTelemetry` when telemetry is off; `NotPosted` before the
+    /// first post.
+    pub fn telemetry(&self) -> Result<XferTelemetry> {
+        let r = &*self.inner;
+        if !r.agent.config.capture_telemetry {
+            return Err(Error::no_telemetry(
+                "telemetry is disabled (enable it in AgentConfig or with NIXL_TELEMETRY_ENABLE=1)",
+            ));
+        }
+        let start = r.post_start_ns.load(Ordering::Acquire);
+        if start == 0 {
+            return Err(Error::not_posted("the request was never posted"));
+        }
+        let up = |ns: u64| ns.div_ceil(1000).max(1);
+        let post = up(r.post_duration_ns.load(Ordering::Acquire));
+        let done = r.completion.done_at_nanos();
+        let xfer = if r.completion.in_progress() || done < start {
+            up(monotonic_nanos() - start)
+        } else {
+            up(done - start)
+        };
+        Ok(XferTelemetry {
+            start_time_us: (start / 1000).max(1),
+            post_duration_us: post,
+            xfer_duration_us: xfer.max(post),
+            total_bytes: r.total_bytes,
+            desc_count: r.desc_count,
+        })
+    }
+
+    /// Estimated duration of one post, from the backend.
+    pub fn estimate_cost(&self) -> Result<CostEstimate> {
+        self.check_usable()?;
+        self.inner
+            .xfer
+            .estimate_cost()
+            .map_err(|e| self.decorate(e))
+    }
+
+    /// The backend this request uses.
+    pub fn backend_name(&self) -> &str {
+        &self.inner.backend.name
+    }
+
+    /// READ or WRITE.
+    pub fn op(&self) -> XferOp {
+        self.inner.op
+    }
+
+    /// The target agent's name (this agent's own name for loopback).
+    pub fn peer(&self) -> &str {
+        self.inner
+            .peer
+            .as_ref()
+            .map_or(self.inner.agent.name.as_str(), |p| p.name.as_str())
+    }
+
+    /// Bytes moved per post.
+    pub fn total_bytes(&self) -> u64 {
+        self.inner.total_bytes
+    }
+
+    /// Descriptors per post as NIXL counts them (see [`XferTelemetry::desc_count`]).
+    pub fn desc_count(&self) -> u64 {
+        self.inner.desc_count
+    }
+
+    /// Descriptors the backend actually receives after merging.
+    pub fn segment_count(&self) -> usize {
+        self.inner.segments
+    }
+}
+
+impl Drop for XferRequest {
+    fn drop(&mut self) {
+        if let Err(e) = self.cancel() {
+            tracing::warn!("cancelling a request on release failed: {e}");
+        }
+    }
+}
+
+#[allow(dead_code)]
+fn _assert_send_sync() {
+    fn is<T: Send + Sync>() {}
+    is::<Agent>();
+    is::<XferRequest>();
+    is::<PreparedList>();
+    let _ = monotonic_micros;
+}
