@@ -22,6 +22,7 @@ use crate::error::{Error, Result};
 use crate::mem::MemType;
 use crate::notif::NotifSender;
 use crate::op::XferOp;
+use crate::segments::SegmentVec;
 
 /// Backend parameters: string keys to string values, as NIXL's `nixl_b_params_t`.
 pub type Params = BTreeMap<String, String>;
@@ -158,9 +159,9 @@ pub struct XferSpec<'a> {
     /// Memory type of the target side.
     pub remote_mem: MemType,
     /// Local segments.
-    pub local: Vec<Segment>,
+    pub local: SegmentVec,
     /// Target segments, position by position the same lengths as `local`.
-    pub remote: Vec<Segment>,
+    pub remote: SegmentVec,
 }
 
 /// What a post reports right away.
@@ -269,6 +270,12 @@ pub trait Backend: Send + Sync + fmt::Debug {
 
     /// Drops everything about `peer`: connections and its loaded state.
     fn disconnect(&self, _peer: &str) {}
+
+    /// The owning agent is being dropped; called once, after every region was deregistered.
+    /// From now on the backend serves no peer: transfers and notifications targeting this agent
+    /// fail with `RemoteDisconnect`, even while handles of the agent (which may keep the backend
+    /// object alive) still exist. Default: nothing to do.
+    fn shutdown(&self) {}
 
     /// Builds a postable transfer.
     fn prepare_xfer(&self, spec: XferSpec<'_>) -> Result<Box<dyn BackendXfer>>;

@@ -26,6 +26,7 @@ pub mod mem;
 pub mod metadata;
 pub mod notif;
 pub mod op;
+pub mod segments;
 
 pub use backend::{
     AgentHooks, Backend, BackendContext, BackendFactory, BackendXfer, Capabilities, CostEstimate,
@@ -39,3 +40,4 @@ pub use mem::MemType;
 pub use metadata::{AgentMetadata, ConnInfo, MetadataSection, PublishedRegion};
 pub use notif::{NotifQueue, NotifSender, Notification};
 pub use op::XferOp;
+pub use segments::SegmentVec;

@@ -423,6 +423,10 @@ impl Drop for Agent {
         regs.live.clear();
         drop(regs);
         inner.reg_epoch.fetch_add(1, Ordering::AcqRel);
+        // Handles that outlive the agent keep backend objects alive: tell them to stop serving.
+        for slot in &slots {
+            slot.backend.shutdown();
+        }
         inner.backends.write().clear();
     }
 }

@@ -38,6 +38,7 @@
 
 mod agent;
 pub mod config;
+mod copy;
 pub mod loopback;
 pub mod registry;
 mod remote;

@@ -17,7 +17,7 @@ use parking_lot::{Mutex, RwLock};
 use rixl_core::{
     Backend, BackendContext, BackendFactory, BackendXfer, Capabilities, CompletionHandle,
     CostEstimate, CostMethod, Error, LocalRegion, MemType, NotifSender, Params, PostOutcome,
-    RegDesc, Result, Segment, XferOp, XferSpec,
+    RegDesc, Result, SegmentVec, XferOp, XferSpec,
 };
 
 /// The backend's name.
@@ -211,8 +211,8 @@ impl Backend for Loopback {
 #[derive(Debug)]
 struct LoopbackXfer {
     op: XferOp,
-    local: Vec<Segment>,
-    remote: Vec<Segment>,
+    local: SegmentVec,
+    remote: SegmentVec,
     from: String,
     target: Weak<Endpoint>,
 }
@@ -231,10 +231,9 @@ impl BackendXfer for LoopbackXfer {
             // SAFETY: both ranges were validated by the agent against live DRAM registrations of
             // this process (the target's published ones, or our own for loopback), and whoever
             // registered them promised, per `Agent::register_mem`, that they stay valid and are
-            // not accessed concurrently while registered. `copy` (memmove) tolerates overlap
-            // between source and destination.
+            // not accessed concurrently while registered. `copy_bytes` tolerates overlap.
             unsafe {
-                std::ptr::copy(
+                crate::copy::copy_bytes(
                     src as usize as *const u8,
                     dst as usize as *mut u8,
                     l.len as usize,

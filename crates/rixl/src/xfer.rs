@@ -18,7 +18,7 @@ use parking_lot::Mutex;
 use rixl_core::completion::{monotonic_micros, monotonic_nanos};
 use rixl_core::{
     BackendXfer, Completion, CompletionFuture, CostEstimate, Desc, Error, MemType, PostOutcome,
-    RegIndex, Result, Segment, XferDescList, XferOp, XferSpec, XferStatus,
+    RegIndex, Result, Segment, SegmentVec, XferDescList, XferOp, XferSpec, XferStatus,
 };
 
 use crate::agent::{Agent, AgentInner, BackendSlot, LocalReg, INIT_AGENT, INIT_AGENT_NAME};
@@ -39,8 +39,9 @@ enum Side {
 #[derive(Debug)]
 struct Resolution {
     backend: BackendSlot,
-    /// Per descriptor: the backend's token for the covering region.
-    tokens: Vec<u64>,
+    /// Per descriptor: the descriptor with the backend's token for its covering region, in one
+    /// array so that making a request touches one cache line per index.
+    entries: SegmentVec,
 }
 
 #[derive(Debug)]
@@ -48,10 +49,13 @@ struct PrepInner {
     agent: Arc<AgentInner>,
     side: Side,
     mem: MemType,
-    descs: Vec<Desc>,
+    len: usize,
     resolutions: Vec<Resolution>,
     /// Distinct local registrations used (empty for remote lists).
     reg_ids: Arc<[u64]>,
+    /// The agent's registration epoch when the list was resolved: requests made from it
+    /// re-check `reg_ids` on their first post if anything was deregistered since.
+    reg_epoch: u64,
 }
 
 /// A descriptor list validated and resolved once, to build requests from by index.
@@ -64,12 +68,12 @@ pub struct PreparedList {
 impl PreparedList {
     /// Number of descriptors (valid indices are `0..len()`).
     pub fn len(&self) -> usize {
-        self.inner.descs.len()
+        self.inner.len
     }
 
     /// Always false: empty lists cannot be prepared.
     pub fn is_empty(&self) -> bool {
-        self.inner.descs.is_empty()
+        self.inner.len == 0
     }
 
     /// The memory type.
@@ -214,9 +218,13 @@ impl Agent {
         let mut resolutions = Vec::new();
         let mut reg_ids: Vec<u64> = Vec::new();
         let mut first_miss: Option<(usize, String)> = None;
+        let mut reg_epoch = inner.reg_epoch.load(Ordering::Acquire);
         match &side {
             Side::Local | Side::SelfTarget => {
                 let regs = inner.regs.read();
+                // Read under the lock: a deregistration removes entries under the write lock
+                // and bumps the epoch afterwards, so this value is never newer than `regs`.
+                reg_epoch = inner.reg_epoch.load(Ordering::Acquire);
                 for slot in slots.iter().filter(|s| filter.allows(s.index)) {
                     if matches!(side, Side::SelfTarget) && !slot.caps.local {
                         continue;
@@ -227,9 +235,9 @@ impl Agent {
                     let self_target = matches!(side, Side::SelfTarget);
                     let before = reg_ids.len();
                     match resolve_local(&sec.index, descs, self_target, &mut reg_ids) {
-                        Ok(tokens) => resolutions.push(Resolution {
+                        Ok(entries) => resolutions.push(Resolution {
                             backend: slot.clone(),
-                            tokens,
+                            entries,
                         }),
                         Err(i) => {
                             reg_ids.truncate(before);
@@ -248,9 +256,9 @@ impl Agent {
                         continue;
                     };
                     match resolve_remote(&sec.index, descs) {
-                        Ok(tokens) => resolutions.push(Resolution {
+                        Ok(entries) => resolutions.push(Resolution {
                             backend: slot.clone(),
-                            tokens,
+                            entries,
                         }),
                         Err(i) => {
                             first_miss.get_or_insert((i, slot.name.to_string()));
@@ -283,9 +291,10 @@ impl Agent {
                 agent: inner.clone(),
                 side,
                 mem,
-                descs: descs.to_vec(),
+                len: descs.len(),
                 resolutions,
                 reg_ids: reg_ids.into(),
+                reg_epoch,
             }),
         })
     }
@@ -346,63 +355,53 @@ impl Agent {
             .find_map(|&b| Some((pick(&l.resolutions, b)?, pick(&r.resolutions, b)?)))
             .ok_or_else(|| Error::invalid_param("no backend is common to both prepared lists"))?;
         let (lres, rres) = (&l.resolutions[li], &r.resolutions[ri]);
-        let nl = l.descs.len();
-        let nr = r.descs.len();
-        let mut local_segs: Vec<Segment> = Vec::with_capacity(local_indices.len());
-        let mut remote_segs: Vec<Segment> = Vec::with_capacity(local_indices.len());
+        let (lent, rent) = (&lres.entries[..], &rres.entries[..]);
+        let (nl, nr) = (lent.len(), rent.len());
+        let mut local_segs = SegmentVec::with_capacity(local_indices.len());
+        let mut remote_segs = SegmentVec::with_capacity(local_indices.len());
         let merge = !opts.skip_desc_merge;
         let mut total: u64 = 0;
-        let mut prev = (usize::MAX, usize::MAX);
-        for (k, (&a, &b)) in local_indices.iter().zip(remote_indices).enumerate() {
-            if a >= nl || b >= nr {
+        let n = local_indices.len();
+        let mut k = 0usize;
+        while k < n {
+            let (a, b) = (local_indices[k], remote_indices[k]);
+            let (Some(ld), Some(rd)) = (lent.get(a), rent.get(b)) else {
                 return Err(Error::invalid_param(format!(
                     "index pair {k} ({a}, {b}) is out of range (lists have {nl} and {nr} descriptors)"
                 )));
-            }
-            let ld = l.descs[a];
-            let rd = r.descs[b];
+            };
             if ld.len != rd.len {
                 return Err(Error::invalid_param(format!(
                     "length mismatch at position {k}: local descriptor {a} has {} bytes, remote descriptor {b} has {}",
                     ld.len, rd.len
                 )));
             }
+            // Grow this pair of segments while both index sequences step by one and both sides
+            // continue contiguously in the same region; anything else (including an error at
+            // the next position) ends the run and is handled by the outer loop.
+            let (mut cl, mut cr) = (*ld, *rd);
             total = total.saturating_add(ld.len);
-            let (lt, rt) = (lres.tokens[a], rres.tokens[b]);
-            let extend = merge
-                && a == prev.0.wrapping_add(1)
-                && b == prev.1.wrapping_add(1)
-                && match (local_segs.last(), remote_segs.last()) {
-                    (Some(ls), Some(rs)) => {
-                        ls.token == lt
-                            && rs.token == rt
-                            && ls.dev == ld.dev
-                            && rs.dev == rd.dev
-                            && ls.addr + ls.len == ld.addr
-                            && rs.addr + rs.len == rd.addr
-                    }
-                    _ => false,
-                };
-            if extend {
-                if let (Some(ls), Some(rs)) = (local_segs.last_mut(), remote_segs.last_mut()) {
-                    ls.len += ld.len;
-                    rs.len += ld.len;
+            let (mut pa, mut pb) = (a, b);
+            k += 1;
+            while merge && k < n {
+                let (a2, b2) = (local_indices[k], remote_indices[k]);
+                if a2 != pa.wrapping_add(1) || b2 != pb.wrapping_add(1) {
+                    break;
                 }
-            } else {
-                local_segs.push(Segment {
-                    addr: ld.addr,
-                    len: ld.len,
-                    dev: ld.dev,
-                    token: lt,
-                });
-                remote_segs.push(Segment {
-                    addr: rd.addr,
-                    len: rd.len,
-                    dev: rd.dev,
-                    token: rt,
-                });
+                let (Some(l2), Some(r2)) = (lent.get(a2), rent.get(b2)) else {
+                    break;
+                };
+                if l2.len != r2.len || !contiguous(&cl, l2) || !contiguous(&cr, r2) {
+                    break;
+                }
+                cl.len += l2.len;
+                cr.len += l2.len;
+                total = total.saturating_add(l2.len);
+                (pa, pb) = (a2, b2);
+                k += 1;
             }
-            prev = (a, b);
+            local_segs.push(cl);
+            remote_segs.push(cr);
         }
         let desc_count = local_segs.len() as u64;
         let backend = lres.backend.clone();
@@ -426,7 +425,9 @@ impl Agent {
                 reg_ids,
                 total,
                 desc_count,
-                epoch: self.inner.reg_epoch.load(Ordering::Acquire),
+                // The lists were resolved at these epochs: anything deregistered since must be
+                // re-checked on the first post, not assumed live.
+                epoch: l.reg_epoch.min(r.reg_epoch),
             },
             opts,
         )
@@ -489,14 +490,14 @@ impl Agent {
             };
             let mut local_ids = Vec::new();
             let mut target_ids = Vec::new();
-            let ltok = match resolve_local(&lsec.index, ld, false, &mut local_ids) {
+            let lsegs = match resolve_local(&lsec.index, ld, false, &mut local_ids) {
                 Ok(t) => t,
                 Err(i) => {
                     first_miss.get_or_insert_with(|| miss(i, &ld[i], "local", &slot.name));
                     continue;
                 }
             };
-            let rtok = match &remote_state {
+            let rsegs = match &remote_state {
                 None => {
                     if !slot.caps.local {
                         continue;
@@ -516,14 +517,14 @@ impl Agent {
                     resolve_remote(&rsec.index, rd)
                 }
             };
-            let rtok = match rtok {
+            let rsegs = match rsegs {
                 Ok(t) => t,
                 Err(i) => {
                     first_miss.get_or_insert_with(|| miss(i, &rd[i], "remote", &slot.name));
                     continue;
                 }
             };
-            let (local_segs, remote_segs) = merge_segments(ld, &ltok, rd, &rtok);
+            let (local_segs, remote_segs) = merge_segments(lsegs, rsegs);
             local_ids.sort_unstable();
             local_ids.dedup();
             target_ids.sort_unstable();
@@ -576,8 +577,8 @@ impl Agent {
         peer: Option<Arc<RemoteEntry>>,
         local_mem: MemType,
         remote_mem: MemType,
-        local: Vec<Segment>,
-        remote: Vec<Segment>,
+        local: SegmentVec,
+        remote: SegmentVec,
         built: Built,
         opts: &XferOptions,
     ) -> Result<XferRequest> {
@@ -645,14 +646,20 @@ fn miss(i: usize, d: &Desc, side: &str, backend: &str) -> Error {
     .with_backend(backend)
 }
 
+/// True when `next` continues `seg` without a gap inside the same region.
+#[inline]
+fn contiguous(seg: &Segment, next: &Segment) -> bool {
+    seg.token == next.token && seg.dev == next.dev && seg.addr + seg.len == next.addr
+}
+
 /// Resolves every descriptor against a local index; on a miss returns its position.
 fn resolve_local(
     index: &RegIndex<LocalReg>,
     descs: &[Desc],
     self_target: bool,
     reg_ids: &mut Vec<u64>,
-) -> std::result::Result<Vec<u64>, usize> {
-    let mut tokens = Vec::with_capacity(descs.len());
+) -> std::result::Result<SegmentVec, usize> {
+    let mut out = SegmentVec::with_capacity(descs.len());
     let mut hint = 0usize;
     let mut last_id = u64::MAX;
     for (i, d) in descs.iter().enumerate() {
@@ -663,68 +670,61 @@ fn resolve_local(
             reg_ids.push(reg.id);
             last_id = reg.id;
         }
-        tokens.push(if self_target {
+        let token = if self_target {
             reg.target_token
         } else {
             reg.token
+        };
+        out.push(Segment {
+            addr: d.addr,
+            len: d.len,
+            dev: d.dev,
+            token,
         });
     }
-    Ok(tokens)
+    Ok(out)
 }
 
 /// Resolves every descriptor against a remote index; on a miss returns its position.
 fn resolve_remote(
     index: &RegIndex<RemoteRegion>,
     descs: &[Desc],
-) -> std::result::Result<Vec<u64>, usize> {
-    let mut tokens = Vec::with_capacity(descs.len());
+) -> std::result::Result<SegmentVec, usize> {
+    let mut out = SegmentVec::with_capacity(descs.len());
     let mut hint = 0usize;
     for (i, d) in descs.iter().enumerate() {
         let pos = index.find_covering_hinted(d, hint).ok_or(i)?;
         hint = pos;
-        tokens.push(index.entries()[pos].value.token);
+        let token = index.entries()[pos].value.token;
+        out.push(Segment {
+            addr: d.addr,
+            len: d.len,
+            dev: d.dev,
+            token,
+        });
     }
-    Ok(tokens)
+    Ok(out)
 }
 
-/// Pairs descriptors position by position, merging neighbours that continue contiguously in
-/// the same regions on both sides.
-fn merge_segments(
-    ld: &[Desc],
-    lt: &[u64],
-    rd: &[Desc],
-    rt: &[u64],
-) -> (Vec<Segment>, Vec<Segment>) {
-    let mut ls: Vec<Segment> = Vec::with_capacity(ld.len());
-    let mut rs: Vec<Segment> = Vec::with_capacity(ld.len());
-    for k in 0..ld.len() {
-        let (a, b) = (ld[k], rd[k]);
-        if let (Some(pl), Some(pr)) = (ls.last_mut(), rs.last_mut()) {
-            if pl.token == lt[k]
-                && pr.token == rt[k]
-                && pl.dev == a.dev
-                && pr.dev == b.dev
-                && pl.addr + pl.len == a.addr
-                && pr.addr + pr.len == b.addr
-            {
-                pl.len += a.len;
-                pr.len += a.len;
-                continue;
+/// Pairs resolved descriptors position by position (in place), merging neighbours that
+/// continue contiguously in the same regions on both sides.
+fn merge_segments(mut ls: SegmentVec, mut rs: SegmentVec) -> (SegmentVec, SegmentVec) {
+    let mut w = 0usize;
+    for k in 0..ls.len() {
+        if k > 0 && contiguous(&ls[w], &ls[k]) && contiguous(&rs[w], &rs[k]) {
+            let add = ls[k].len;
+            ls[w].len += add;
+            rs[w].len += add;
+        } else {
+            if k > 0 {
+                w += 1;
             }
+            ls[w] = ls[k];
+            rs[w] = rs[k];
         }
-        ls.push(Segment {
-            addr: a.addr,
-            len: a.len,
-            dev: a.dev,
-            token: lt[k],
-        });
-        rs.push(Segment {
-            addr: b.addr,
-            len: b.len,
-            dev: b.dev,
-            token: rt[k],
-        });
     }
+    ls.truncate(w + 1);
+    rs.truncate(w + 1);
     (ls, rs)
 }
 

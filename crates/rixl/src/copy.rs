@@ -1,0 +1,88 @@
+//! In-process memory copy for the `LOOPBACK` backend, avoiding a cliff in `memcpy`.
+//!
+//! glibc's `memmove` (2.36, Debian 12) copies blocks of a few KiB with `rep movsb`. On this
+//! project's AMD EPYC machines that instruction runs 15–30× slower (4 KiB: ~1.5 µs instead of
+//! ~60 ns) when the destination lies 1–31 bytes past the source modulo 4096 — 4K aliasing, which
+//! is exactly what two `malloc`ed buffers with the same 16-byte header offset produce. Such pairs
+//! are copied with a plain SSE2 loop instead; everything else goes to `memmove`.
+
+/// Copies `len` bytes from `src` to `dst`; the ranges may overlap.
+///
+/// # Safety
+///
+/// `src..src+len` must be readable and `dst..dst+len` writable for the duration of the call,
+/// and no other thread may write either range meanwhile.
+pub(crate) unsafe fn copy_bytes(src: *const u8, dst: *mut u8, len: usize) {
+    let (s, d) = (src as usize, dst as usize);
+    let disjoint =
+        s.checked_add(len).is_some_and(|e| e <= d) || d.checked_add(len).is_some_and(|e| e <= s);
+    let aliased = (d.wrapping_sub(s) & 4095) < 64 && d != s;
+    if cfg!(target_arch = "x86_64") && disjoint && aliased && len >= 1024 {
+        // SAFETY: forwarded from this function's contract; the ranges are disjoint.
+        unsafe { sse2_copy(src, dst, len) };
+    } else {
+        // SAFETY: forwarded from this function's contract; `copy` allows overlap.
+        unsafe { std::ptr::copy(src, dst, len) };
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+unsafe fn sse2_copy(src: *const u8, dst: *mut u8, len: usize) {
+    use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_storeu_si128};
+    let mut i = 0usize;
+    while i + 64 <= len {
+        // SAFETY: `i + 64 <= len`, so every 16-byte access lies inside the caller's ranges;
+        // unaligned loads/stores are used, and SSE2 is part of the x86_64 baseline.
+        unsafe {
+            let a = _mm_loadu_si128(src.add(i) as *const __m128i);
+            let b = _mm_loadu_si128(src.add(i + 16) as *const __m128i);
+            let c = _mm_loadu_si128(src.add(i + 32) as *const __m128i);
+            let e = _mm_loadu_si128(src.add(i + 48) as *const __m128i);
+            _mm_storeu_si128(dst.add(i) as *mut __m128i, a);
+            _mm_storeu_si128(dst.add(i + 16) as *mut __m128i, b);
+            _mm_storeu_si128(dst.add(i + 32) as *mut __m128i, c);
+            _mm_storeu_si128(dst.add(i + 48) as *mut __m128i, e);
+        }
+        i += 64;
+    }
+    if i < len {
+        // SAFETY: the tail lies inside the caller's disjoint ranges.
+        unsafe { std::ptr::copy_nonoverlapping(src.add(i), dst.add(i), len - i) };
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn sse2_copy(src: *const u8, dst: *mut u8, len: usize) {
+    // SAFETY: forwarded from the caller; the ranges are disjoint.
+    unsafe { std::ptr::copy_nonoverlapping(src, dst, len) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::copy_bytes;
+
+    #[test]
+    fn copies_every_offset_and_overlap() {
+        let mut buf: Vec<u8> = (0..3 * 8192).map(|i| (i * 31 % 251) as u8).collect();
+        let orig = buf.clone();
+        for (soff, doff, len) in [
+            (0, 8192 + 16, 4096),
+            (5, 8192 + 5 + 31, 5000),
+            (0, 4096 + 1, 1025),
+            (100, 9000, 7),
+        ] {
+            buf.copy_from_slice(&orig);
+            let p = buf.as_mut_ptr();
+            // SAFETY: both ranges lie inside `buf`.
+            unsafe { copy_bytes(p.add(soff), p.add(doff), len) };
+            assert_eq!(&buf[doff..doff + len], &orig[soff..soff + len]);
+            assert_eq!(&buf[..doff.min(soff)], &orig[..doff.min(soff)]);
+        }
+        // Overlapping ranges behave like memmove.
+        buf.copy_from_slice(&orig);
+        let p = buf.as_mut_ptr();
+        // SAFETY: both ranges lie inside `buf`.
+        unsafe { copy_bytes(p, p.add(16), 4096) };
+        assert_eq!(&buf[16..16 + 4096], &orig[..4096]);
+    }
+}
