@@ -1,1 +1,381 @@
+//! # rixl-testkit: the conformance suite every RIXL backend runs
+//!
+//! RIXL promises NIXL's observable behaviour (see `NIXL-API.md`) whatever backend moves the
+//! bytes: the same error kinds for the same mistakes, the same notification semantics, the same
+//! metadata and invalidation rules, and correct data for every descriptor. Most of that is
+//! implemented once, in the agent, but each backend can still break it: by merging across
+//! regions, by sending a notification before the data has landed, by hanging instead of
+//! reporting a dead peer, by writing into memory its owner has deregistered. Unit tests of one
+//! backend do not catch these; one shared suite, run against every backend, does.
+//!
+//! ## How a backend crate uses it
+//!
+//! Describe the backend with a [`Harness`] (usually a [`BackendHarness`]) and expand the suite
+//! in an integration test. Every case becomes its own `#[test]`, so a failure is reported by
+//! name:
+//!
+//! ```ignore
+//! // crates/rixl-mybackend/tests/conformance.rs
+//! rixl_testkit::conformance_tests!(
+//!     rixl_testkit::BackendHarness::new("MYBACKEND")
+//!         .remote(true)
+//!         .local(true)
+//!         .notif(true)
+//! );
+//! ```
+//!
+//! A harness declares what the backend can do; cases that need a missing capability (two agents,
+//! a self-target, notifications) print why they are skipped and pass. The
+//! `capabilities_match_harness` case checks the declaration against what the backend reports,
+//! so a harness cannot silently skip half of the suite. [`run_all`] runs every case in one test
+//! instead, and [`CASES`] lists them for other drivers.
+//!
+//! ## What the suite assumes
+//!
+//! - DRAM in this process. Every case moves host memory ([`TestBuffer`]) between agents that
+//!   live in the test process: one agent targeting itself (NIXL's loopback) and two agents
+//!   talking through the backend's remote path. Storage backends (FILE, OBJ, BLK targets) need
+//!   their own cases on top of this suite.
+//! - No timing. Nothing asserts how long anything takes; waits are bounded by
+//!   [`Harness::timeout`] only so that a broken backend fails instead of hanging.
+//! - RIXL's default configuration. `NIXL_TELEMETRY_ENABLE` (telemetry cases; agent creation
+//!   panics if it overrides the suite's setting) and `RIXL_ALLOW_OVERLAPPING_REGISTRATIONS`
+//!   (overlap cases) must be unset.
+//! - Exact error kinds. Each error case checks the [`ErrorKind`](rixl::ErrorKind) that
+//!   NIXL-API §2.5/§3 prescribes, and that the agent still works afterwards.
+//!
+//! Cases follow one rule that makes their `unsafe` registrations sound: buffers are created
+//! before the agents that register them, so agents (whose drop deregisters everything) go first,
+//! and buffer contents are only read or written while no transfer is in flight.
 
+#![warn(missing_docs)]
+
+mod buffer;
+pub mod cases;
+pub mod peer;
+mod support;
+
+use std::time::Duration;
+
+use rixl::{Agent, AgentConfig, Params};
+
+pub use buffer::{assert_bytes_eq, pattern, pattern_byte, TestBuffer};
+pub use support::{block_on, unique_name, Rng};
+
+/// How to make agents for the backend under test, and what the backend can do.
+///
+/// Only [`Harness::backend`] and the three capability flags are required; the defaults create
+/// agents with the backend (and its [`Harness::params`]) as their only backend. Harnesses are
+/// `Sync` because several cases share them with worker threads.
+pub trait Harness: Sync {
+    /// The backend's name, as given to `create_backend`.
+    fn backend(&self) -> &str;
+
+    /// Parameters passed when the backend is created.
+    fn params(&self) -> Params {
+        Params::new()
+    }
+
+    /// The configuration of every agent the suite creates, before telemetry is set.
+    fn config(&self) -> AgentConfig {
+        AgentConfig::default().backend_with(self.backend(), self.params())
+    }
+
+    /// A new agent named `name` with the backend under test and telemetry on.
+    fn new_agent(&self, name: &str) -> Agent {
+        self.new_agent_with(name, true)
+    }
+
+    /// A new agent named `name`, with telemetry on or off.
+    ///
+    /// Panics if the agent cannot be created, or if `NIXL_TELEMETRY_ENABLE` overrides the
+    /// requested telemetry setting (unset it to run the suite).
+    fn new_agent_with(&self, name: &str, telemetry: bool) -> Agent {
+        let agent = Agent::new(name, self.config().telemetry(telemetry)).unwrap_or_else(|e| {
+            panic!(
+                "cannot create agent {name:?} with backend {}: {e}",
+                self.backend()
+            )
+        });
+        assert_eq!(
+            agent.telemetry_enabled(),
+            telemetry,
+            "NIXL_TELEMETRY_ENABLE overrides the suite's telemetry setting; unset it"
+        );
+        agent
+    }
+
+    /// The backend reaches other agents (two-agent cases run).
+    fn remote(&self) -> bool;
+
+    /// The backend reaches its own agent (self-target cases run).
+    fn local(&self) -> bool;
+
+    /// The backend carries notifications.
+    fn notif(&self) -> bool;
+
+    /// The backend estimates transfer costs (otherwise `estimate_cost` must be `NotSupported`).
+    fn estimates_cost(&self) -> bool {
+        false
+    }
+
+    /// The backend implements `query_mem` (otherwise it must be `NotSupported`).
+    fn query_mem(&self) -> bool {
+        false
+    }
+
+    /// The target side refuses transfers into memory it has deregistered. One-sided backends
+    /// whose target takes no part in a transfer (SHM: the initiator writes with
+    /// `process_vm_writev`) cannot know, so for them the application must not deregister
+    /// memory a peer may still write, exactly as with NIXL.
+    fn target_checks_deregistration(&self) -> bool {
+        true
+    }
+
+    /// Upper bound for any wait (a transfer, a notification). Not a performance target: a
+    /// backend that needs it is broken, and the case fails instead of hanging.
+    fn timeout(&self) -> Duration {
+        Duration::from_secs(30)
+    }
+}
+
+/// A [`Harness`] described by data: a backend name, its parameters and its capabilities.
+///
+/// Every capability starts out `false`; declare what the backend supports with the builder
+/// methods.
+#[derive(Clone, Debug)]
+pub struct BackendHarness {
+    name: String,
+    params: Params,
+    remote: bool,
+    local: bool,
+    notif: bool,
+    estimates_cost: bool,
+    query_mem: bool,
+    target_checks_deregistration: bool,
+    timeout: Duration,
+}
+
+impl BackendHarness {
+    /// A harness for backend `name`, created with no parameters and declaring no capability.
+    pub fn new(name: &str) -> BackendHarness {
+        BackendHarness {
+            name: name.to_owned(),
+            params: Params::new(),
+            remote: false,
+            local: false,
+            notif: false,
+            estimates_cost: false,
+            query_mem: false,
+            target_checks_deregistration: true,
+            timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// Adds a backend parameter.
+    pub fn param(mut self, key: &str, value: &str) -> BackendHarness {
+        self.params.insert(key.to_owned(), value.to_owned());
+        self
+    }
+
+    /// Declares whether the backend reaches other agents.
+    pub fn remote(mut self, yes: bool) -> BackendHarness {
+        self.remote = yes;
+        self
+    }
+
+    /// Declares whether the backend reaches its own agent.
+    pub fn local(mut self, yes: bool) -> BackendHarness {
+        self.local = yes;
+        self
+    }
+
+    /// Declares whether the backend carries notifications.
+    pub fn notif(mut self, yes: bool) -> BackendHarness {
+        self.notif = yes;
+        self
+    }
+
+    /// Declares whether the backend estimates transfer costs.
+    pub fn estimates_cost(mut self, yes: bool) -> BackendHarness {
+        self.estimates_cost = yes;
+        self
+    }
+
+    /// Declares whether the backend implements `query_mem`.
+    pub fn query_mem(mut self, yes: bool) -> BackendHarness {
+        self.query_mem = yes;
+        self
+    }
+
+    /// Declares whether the target refuses transfers into deregistered memory (default true).
+    pub fn target_checks_deregistration(mut self, yes: bool) -> BackendHarness {
+        self.target_checks_deregistration = yes;
+        self
+    }
+
+    /// Sets the upper bound for waits (default 30 s).
+    pub fn timeout(mut self, t: Duration) -> BackendHarness {
+        self.timeout = t;
+        self
+    }
+}
+
+impl Harness for BackendHarness {
+    fn backend(&self) -> &str {
+        &self.name
+    }
+    fn params(&self) -> Params {
+        self.params.clone()
+    }
+    fn remote(&self) -> bool {
+        self.remote
+    }
+    fn local(&self) -> bool {
+        self.local
+    }
+    fn notif(&self) -> bool {
+        self.notif
+    }
+    fn estimates_cost(&self) -> bool {
+        self.estimates_cost
+    }
+    fn query_mem(&self) -> bool {
+        self.query_mem
+    }
+    fn target_checks_deregistration(&self) -> bool {
+        self.target_checks_deregistration
+    }
+    fn timeout(&self) -> Duration {
+        self.timeout
+    }
+}
+
+/// A conformance case: runs against the harness and panics on failure.
+pub type Case = fn(&dyn Harness);
+
+/// Calls `$callback!` with `[$($args)*]` followed by the name of every case. The single list
+/// of cases: [`CASES`] and [`conformance_tests!`] are both generated from it.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __with_cases {
+    ($callback:ident [$($args:tt)*]) => {
+        $crate::$callback! { [$($args)*]
+            // capabilities and registration
+            capabilities_match_harness,
+            register_deregister_exact_match,
+            deregister_sub_range_and_twice_not_found,
+            overlapping_registration_invalid_param,
+            invalid_dram_registrations,
+            registration_argument_errors,
+            // data movement
+            self_write_read_single,
+            remote_write_read_single,
+            self_scattered_pages,
+            remote_scattered_pages,
+            self_unaligned_sizes,
+            remote_unaligned_sizes,
+            repost_moves_data_again,
+            adjacent_registrations_not_merged,
+            // prepared lists and merging
+            make_merges_contiguous_indices,
+            make_merges_runs,
+            skip_desc_merge_keeps_every_descriptor,
+            create_counts_callers_descriptors,
+            strided_lists,
+            strided_list_errors,
+            telemetry_fields,
+            telemetry_off_and_not_posted,
+            // notifications
+            notif_sticky_per_post,
+            notif_empty_and_cleared,
+            notif_arrives_under_initiator_name,
+            notif_after_data_landed,
+            notif_order_from_one_initiator,
+            send_notif_self_and_peer,
+            get_notifs_drains_and_groups,
+            wait_notif_blocks_until_arrival,
+            notif_unsupported_errors,
+            // errors
+            create_backend_errors,
+            prep_errors,
+            make_xfer_req_errors,
+            create_xfer_req_errors,
+            status_before_post_not_posted,
+            // metadata
+            load_own_metadata_invalid_param,
+            garbage_metadata_mismatch,
+            mutated_metadata_never_panics,
+            identical_reload_idempotent,
+            metadata_without_remote_backend,
+            partial_metadata_flow,
+            partial_descs_before_conn_not_found,
+            partial_sub_range_not_found,
+            check_remote_metadata_never_fails,
+            // invalidation and staleness
+            invalidation_makes_handles_stale,
+            restarted_peer_not_allowed_until_invalidated,
+            local_deregistration_makes_requests_stale,
+            target_deregistration_is_not_written,
+            // lifecycle
+            cancel_completed_is_noop,
+            request_outlives_agent,
+            peer_death_remote_disconnect,
+            peer_death_with_lingering_handles,
+            peer_death_send_notif,
+            many_threads_self,
+            many_threads_remote,
+            async_completion,
+            estimate_cost,
+            query_mem,
+            make_connection,
+        }
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __case_array {
+    ([] $($case:ident),* $(,)?) => {
+        &[$((stringify!($case), $crate::cases::$case as $crate::Case)),*]
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __case_tests {
+    ([$harness:expr] $($case:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $case() {
+                let harness = $harness;
+                $crate::cases::$case(&harness);
+            }
+        )*
+    };
+}
+
+/// Every case of the suite with its name, in suite order.
+pub const CASES: &[(&str, Case)] = __with_cases!(__case_array []);
+
+/// Expands into one `#[test]` per conformance case, each building the harness from the given
+/// expression and running the case on it.
+///
+/// ```ignore
+/// rixl_testkit::conformance_tests!(rixl_testkit::BackendHarness::new("LOOPBACK")
+///     .remote(true).local(true).notif(true).estimates_cost(true));
+/// ```
+#[macro_export]
+macro_rules! conformance_tests {
+    ($($harness:tt)*) => {
+        $crate::__with_cases!(__case_tests [$($harness)*]);
+    };
+}
+
+/// Runs every case in order on `h`, stopping at the first failure (which panics).
+pub fn run_all(h: &dyn Harness) {
+    for (name, case) in CASES {
+        eprintln!("rixl-testkit: {name}");
+        case(h);
+    }
+}

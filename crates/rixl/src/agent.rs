@@ -18,8 +18,10 @@ use rixl_core::{
 };
 
 use crate::config::AgentConfig;
+use crate::listener::{self, Kind, Listener};
 use crate::registry;
 use crate::remote::{RemoteEntry, RemoteRegion, RemoteSection, RemoteState};
+use std::net::SocketAddr;
 
 /// The name NIXL uses for "the local side" in `prep_xfer_dlist` (`NIXL_INIT_AGENT`).
 pub const INIT_AGENT: &str = "";
@@ -80,6 +82,7 @@ pub(crate) struct AgentInner {
     next_reg_id: AtomicU64,
     pub remotes: RwLock<HashMap<String, Arc<RemoteEntry>>>,
     pub notifs: Arc<NotifQueue>,
+    listener: parking_lot::Mutex<Option<Listener>>,
 }
 
 impl std::fmt::Debug for AgentInner {
@@ -133,8 +136,22 @@ impl Agent {
                 next_reg_id: AtomicU64::new(1),
                 remotes: RwLock::new(HashMap::new()),
                 notifs: NotifQueue::new(),
+                listener: parking_lot::Mutex::new(None),
             }),
         };
+        if agent.inner.config.listen {
+            let ip = agent
+                .inner
+                .config
+                .listen_addr
+                .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
+            let l = Listener::start(
+                Arc::downgrade(&agent.inner),
+                SocketAddr::new(ip, agent.inner.config.listen_port),
+                agent.inner.config.shared_secret.clone(),
+            )?;
+            *agent.inner.listener.lock() = Some(l);
+        }
         for (b, params) in &backends {
             agent.create_backend(b, params)?;
         }
@@ -319,28 +336,159 @@ impl Agent {
         self.inner.remotes.read().get(agent).map(|e| e.generation)
     }
 
+    /// The regions `agent` published for memory type `mem` (across backends, deduplicated, in
+    /// address order): what a program needs to address a peer's buffers it only knows by
+    /// metadata.
+    pub fn remote_regions(&self, agent: &str, mem: MemType) -> Result<Vec<Desc>> {
+        let entry = self.inner.remote(agent)?;
+        let st = entry.state.read();
+        let mut out: Vec<Desc> = st
+            .sections
+            .iter()
+            .filter(|s| s.mem == mem)
+            .flat_map(|s| s.index.entries().iter().map(|e| e.desc))
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        Ok(out)
+    }
+
     /// Connects every common backend (or the named ones) to `agent` ahead of the first transfer.
     pub fn make_connection(&self, agent: &str, backends: &[&str]) -> Result<()> {
         let entry = self.inner.remote(agent)?;
         let filter = self.inner.backend_filter(backends)?;
         let slots = self.inner.backends.read().clone();
         let state = entry.state.read();
-        let mut any = false;
-        for slot in slots.iter().filter(|s| filter.allows(s.index)) {
-            if state.reachable(slot.index) {
-                slot.backend
-                    .connect(agent)
-                    .map_err(|e| e.with_backend(&slot.name).with_peer(agent))?;
-                any = true;
-            }
+        let reachable: Vec<&BackendSlot> = slots
+            .iter()
+            .filter(|s| filter.allows(s.index) && state.reachable(s.index))
+            .collect();
+        drop(state);
+        for slot in &reachable {
+            slot.backend
+                .connect(agent)
+                .map_err(|e| self.inner.on_peer_error(agent, e.with_backend(&slot.name)))?;
         }
-        if !any {
+        if reachable.is_empty() {
             return Err(
                 Error::backend(format!("no backend in common with agent {agent:?}"))
                     .with_peer(agent),
             );
         }
         Ok(())
+    }
+
+    // ---------------------------------------------------------------- listener
+
+    /// Where the metadata listener accepts connections, if it runs.
+    pub fn listen_addr(&self) -> Option<SocketAddr> {
+        self.inner.listener.lock().as_ref().map(Listener::addr)
+    }
+
+    fn secret(&self) -> Option<Vec<u8>> {
+        self.inner.config.shared_secret.clone()
+    }
+
+    /// Pushes this agent's full metadata to the listener at `addr`, in the background: returns
+    /// at once; connection failures are retried for a while, then logged.
+    pub fn send_local_metadata(&self, addr: SocketAddr) -> Result<()> {
+        let blob = self.local_metadata()?;
+        listener::exchange_in_background(
+            Arc::downgrade(&self.inner),
+            addr,
+            Kind::Load,
+            blob,
+            self.secret(),
+        );
+        Ok(())
+    }
+
+    /// Pushes a partial blob (see [`Agent::local_partial_metadata`]) in the background.
+    pub fn send_partial_metadata(
+        &self,
+        list: &RegDescList,
+        include_conn: bool,
+        backends: &[&str],
+        addr: SocketAddr,
+    ) -> Result<()> {
+        let blob = self.local_partial_metadata(list, include_conn, backends)?;
+        listener::exchange_in_background(
+            Arc::downgrade(&self.inner),
+            addr,
+            Kind::Load,
+            blob,
+            self.secret(),
+        );
+        Ok(())
+    }
+
+    /// Asks the listener at `addr` for agent `name`'s metadata, in the background; the reply
+    /// comes back on the same connection (no local listener needed) and lands in the cache:
+    /// poll [`Agent::check_remote_metadata`].
+    pub fn fetch_remote_metadata(&self, name: &str, addr: SocketAddr) {
+        listener::exchange_in_background(
+            Arc::downgrade(&self.inner),
+            addr,
+            Kind::Fetch,
+            name.as_bytes().to_vec(),
+            self.secret(),
+        );
+    }
+
+    /// Tells the listener at `addr` to drop this agent's metadata, in the background.
+    pub fn invalidate_local_metadata(&self, addr: SocketAddr) {
+        listener::exchange_in_background(
+            Arc::downgrade(&self.inner),
+            addr,
+            Kind::Invalidate,
+            self.inner.name.as_bytes().to_vec(),
+            self.secret(),
+        );
+    }
+
+    /// Fetches and loads agent `name`'s metadata from the listener at `addr`, waiting for the
+    /// answer; returns the loaded agent's name.
+    pub fn fetch_remote_metadata_blocking(
+        &self,
+        name: &str,
+        addr: SocketAddr,
+        timeout: std::time::Duration,
+    ) -> Result<String> {
+        let blob = listener::exchange(
+            addr,
+            Kind::Fetch,
+            name.as_bytes(),
+            self.secret().as_deref(),
+            timeout,
+        )?
+        .ok_or_else(|| Error::unknown("fetch returned no metadata"))?;
+        self.load_remote_metadata(&blob)
+    }
+
+    /// Pushes this agent's full metadata to `addr` and waits until it was delivered.
+    pub fn send_local_metadata_blocking(
+        &self,
+        addr: SocketAddr,
+        timeout: std::time::Duration,
+    ) -> Result<()> {
+        let blob = self.local_metadata()?;
+        listener::exchange(addr, Kind::Load, &blob, self.secret().as_deref(), timeout).map(drop)
+    }
+
+    /// Tells the listener at `addr` to drop this agent's metadata and waits until it was sent.
+    pub fn invalidate_local_metadata_blocking(
+        &self,
+        addr: SocketAddr,
+        timeout: std::time::Duration,
+    ) -> Result<()> {
+        listener::exchange(
+            addr,
+            Kind::Invalidate,
+            self.inner.name.as_bytes(),
+            self.secret().as_deref(),
+            timeout,
+        )
+        .map(drop)
     }
 
     // ---------------------------------------------------------------- notifications
@@ -376,7 +524,7 @@ impl Agent {
         drop(state);
         slot.backend
             .send_notif(agent, msg)
-            .map_err(|e| e.with_backend(&slot.name).with_peer(agent))
+            .map_err(|e| self.inner.on_peer_error(agent, e.with_backend(&slot.name)))
     }
 
     /// Drains the notifications received so far (from every notification backend, or the named
@@ -405,6 +553,8 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         let inner = &self.inner;
+        // Stop the listener first: it may be loading metadata into this agent.
+        drop(inner.listener.lock().take());
         inner.alive.store(false, Ordering::Release);
         let names: Vec<String> = inner.remotes.read().keys().cloned().collect();
         for n in names {
@@ -480,6 +630,15 @@ impl AgentInner {
         }
         drop(slots);
         self.backend_filter(names)
+    }
+
+    /// Names the peer in `e` and, if the peer is gone (`RemoteDisconnect`), invalidates its
+    /// metadata, as a failed transfer does.
+    fn on_peer_error(&self, agent: &str, e: Error) -> Error {
+        if e.kind() == rixl_core::ErrorKind::RemoteDisconnect {
+            self.invalidate_remote(agent);
+        }
+        e.with_peer(agent)
     }
 
     pub fn remote(&self, agent: &str) -> Result<Arc<RemoteEntry>> {
@@ -665,6 +824,10 @@ impl AgentInner {
         }
     }
 
+    pub fn full_metadata(&self) -> Result<Vec<u8>> {
+        self.local_metadata(None, true, &[])
+    }
+
     fn local_metadata(
         &self,
         only: Option<&RegDescList>,
@@ -763,7 +926,7 @@ impl AgentInner {
         Ok(md.encode())
     }
 
-    fn load_remote(&self, blob: &[u8]) -> Result<String> {
+    pub fn load_remote(&self, blob: &[u8]) -> Result<String> {
         let md = AgentMetadata::decode(blob)?;
         let peer = md.agent.as_str();
         if peer == self.name {

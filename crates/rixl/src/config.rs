@@ -7,7 +7,7 @@ use rixl_core::Params;
 /// `AgentConfig::default()` creates no backend; name the ones you want with
 /// [`AgentConfig::backend`] or create them later with
 /// [`Agent::create_backend`](crate::Agent::create_backend).
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct AgentConfig {
     /// Backends created by the constructor, in preference order, with their parameters.
     pub backends: Vec<(String, Params)>,
@@ -19,9 +19,53 @@ pub struct AgentConfig {
     /// Accept overlapping registrations as NIXL does (default: refuse them).
     /// `RIXL_ALLOW_OVERLAPPING_REGISTRATIONS` overrides this at construction.
     pub allow_overlapping_registrations: bool,
+    /// Run the metadata listener (NIXL's `enable_listen_thread`).
+    pub listen: bool,
+    /// Listener port; 0 lets the OS choose (see `Agent::listen_addr`). NIXL's default is 8888.
+    pub listen_port: u16,
+    /// Listener bind address; `None` binds every interface as NIXL does.
+    /// `RIXL_LISTEN_ADDR` overrides this at construction.
+    pub listen_addr: Option<std::net::IpAddr>,
+    /// Shared secret authenticating every listener frame (all agents must use the same one).
+    /// `RIXL_SHARED_SECRET` overrides this at construction.
+    pub shared_secret: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for AgentConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentConfig")
+            .field("backends", &self.backends)
+            .field("capture_telemetry", &self.capture_telemetry)
+            .field("progress_thread", &self.progress_thread)
+            .field(
+                "allow_overlapping_registrations",
+                &self.allow_overlapping_registrations,
+            )
+            .field("listen", &self.listen)
+            .field("listen_port", &self.listen_port)
+            .field("listen_addr", &self.listen_addr)
+            .field(
+                "shared_secret",
+                &self.shared_secret.as_ref().map(|_| "<set>"),
+            )
+            .finish()
+    }
 }
 
 impl AgentConfig {
+    /// Runs the metadata listener on `port` (0: the OS chooses).
+    pub fn listen_on(mut self, port: u16) -> AgentConfig {
+        self.listen = true;
+        self.listen_port = port;
+        self
+    }
+
+    /// Sets the shared secret for listener frames.
+    pub fn secret(mut self, secret: impl Into<Vec<u8>>) -> AgentConfig {
+        self.shared_secret = Some(secret.into());
+        self
+    }
+
     /// Adds a backend to create at construction, with default parameters.
     pub fn backend(mut self, name: &str) -> AgentConfig {
         self.backends.push((name.to_owned(), Params::new()));
@@ -47,6 +91,17 @@ impl AgentConfig {
         }
         if let Some(v) = env_bool("RIXL_ALLOW_OVERLAPPING_REGISTRATIONS") {
             self.allow_overlapping_registrations = v;
+        }
+        if let Ok(v) = std::env::var("RIXL_LISTEN_ADDR") {
+            match v.parse() {
+                Ok(ip) => self.listen_addr = Some(ip),
+                Err(_) => tracing::warn!("ignoring RIXL_LISTEN_ADDR={v:?}: not an IP address"),
+            }
+        }
+        if let Ok(v) = std::env::var("RIXL_SHARED_SECRET") {
+            if !v.is_empty() {
+                self.shared_secret = Some(v.into_bytes());
+            }
         }
         self
     }

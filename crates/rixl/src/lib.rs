@@ -39,6 +39,7 @@
 mod agent;
 pub mod config;
 mod copy;
+mod listener;
 pub mod loopback;
 pub mod registry;
 mod remote;
@@ -46,6 +47,7 @@ mod xfer;
 
 pub use agent::{Agent, INIT_AGENT, INIT_AGENT_NAME};
 pub use config::AgentConfig;
+pub use listener::DEFAULT_PORT;
 pub use rixl_core::{
     self as core, Capabilities, CostEstimate, CostMethod, Desc, Error, ErrorKind, MemType,
     Notification, Params, RegDesc, RegDescList, Result, StridedDesc, XferDescList, XferOp,

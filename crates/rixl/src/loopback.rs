@@ -8,15 +8,22 @@
 //! unreachable through `LOOPBACK`, and selection moves on to another backend.
 //!
 //! Posts complete inline: the copy is done and the notification delivered before `post` returns.
+//!
+//! Like a networked target, the target side never trusts the initiator's cached metadata: each
+//! region publishes the target's own token, and a post checks that every target range lies in a
+//! region the target still has registered, holding the target's region table while it copies, so
+//! that no byte lands in (or is read from) memory after its owner deregistered it or dropped its
+//! agent.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 
 use parking_lot::{Mutex, RwLock};
+use rixl_core::codec::{Reader, Writer};
 use rixl_core::{
     Backend, BackendContext, BackendFactory, BackendXfer, Capabilities, CompletionHandle,
-    CostEstimate, CostMethod, Error, LocalRegion, MemType, NotifSender, Params, PostOutcome,
+    CostEstimate, CostMethod, Desc, Error, LocalRegion, MemType, NotifSender, Params, PostOutcome,
     RegDesc, Result, SegmentVec, XferOp, XferSpec,
 };
 
@@ -43,6 +50,8 @@ fn create(ctx: BackendContext) -> Result<Arc<dyn Backend>> {
     let shared = Arc::new(Endpoint {
         agent: ctx.agent_name.clone(),
         notifs: ctx.notifs.clone(),
+        regions: RwLock::new(HashMap::new()),
+        closed: AtomicBool::new(false),
     });
     let instance = NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed);
     instances()
@@ -62,6 +71,11 @@ fn create(ctx: BackendContext) -> Result<Arc<dyn Backend>> {
 struct Endpoint {
     agent: String,
     notifs: NotifSender,
+    /// The regions currently registered with this instance, by token: `(addr, len)`. Posts
+    /// targeting them hold the read lock while copying; deregistration takes the write lock.
+    regions: RwLock<HashMap<u64, (u64, u64)>>,
+    /// Set when the owning agent is dropped.
+    closed: AtomicBool,
 }
 
 static NEXT_INSTANCE: AtomicU64 = AtomicU64::new(1);
@@ -140,20 +154,46 @@ impl Backend for Loopback {
         self.params.clone()
     }
 
-    fn register(&self, mem: MemType, _desc: &RegDesc) -> Result<LocalRegion> {
+    fn register(&self, mem: MemType, desc: &RegDesc) -> Result<LocalRegion> {
         if mem != MemType::Dram {
             return Err(Error::not_supported(format!(
                 "LOOPBACK cannot register {mem} memory"
             )));
         }
+        let token = self.next_token.fetch_add(1, Ordering::Relaxed);
+        self.endpoint
+            .regions
+            .write()
+            .insert(token, (desc.desc.addr, desc.desc.len));
         Ok(LocalRegion {
-            token: self.next_token.fetch_add(1, Ordering::Relaxed),
-            public: Vec::new(),
+            token,
+            // Peers name the region by our token, so that we can check it is still registered
+            // (and so that distinct regions never share a token, which would let the agent merge
+            // descriptors across them).
+            public: {
+                let mut w = Writer::with_capacity(10);
+                w.varint(token);
+                w.finish()
+            },
         })
     }
 
-    fn deregister(&self, _mem: MemType, _token: u64) -> Result<()> {
+    fn deregister(&self, _mem: MemType, token: u64) -> Result<()> {
+        // Waits for posts copying into or out of the region: none touches it after this.
+        self.endpoint.regions.write().remove(&token);
         Ok(())
+    }
+
+    fn load_remote_region(
+        &self,
+        peer: &str,
+        _mem: MemType,
+        _desc: &Desc,
+        public: &[u8],
+    ) -> Result<u64> {
+        let mut r = Reader::new(public, "LOOPBACK region data");
+        let token = r.varint().and_then(|t| r.finish().map(|()| t));
+        token.map_err(|e| e.with_peer(peer))
     }
 
     fn conn_info(&self) -> Option<Vec<u8>> {
@@ -177,6 +217,11 @@ impl Backend for Loopback {
 
     fn connect(&self, peer: &str) -> Result<()> {
         self.peer_endpoint(peer).map(drop)
+    }
+
+    fn shutdown(&self) {
+        self.endpoint.closed.store(true, Ordering::Release);
+        instances().write().remove(&self.instance);
     }
 
     fn prepare_xfer(&self, spec: XferSpec<'_>) -> Result<Box<dyn BackendXfer>> {
@@ -219,19 +264,41 @@ struct LoopbackXfer {
 
 impl BackendXfer for LoopbackXfer {
     fn post(&self, notif: Option<&[u8]>, _done: CompletionHandle) -> Result<PostOutcome> {
-        let target = self.target.upgrade().ok_or_else(|| {
-            Error::remote_disconnect("the target agent no longer exists in this process")
-        })?;
+        let gone = || Error::remote_disconnect("the target agent no longer exists in this process");
+        let target = self.target.upgrade().ok_or_else(gone)?;
+        if target.closed.load(Ordering::Acquire) {
+            return Err(gone());
+        }
+        // Never trust the initiator's view: every target range must lie inside a region the
+        // target still has registered.
+        let live = target.regions.read();
+        let mut region = None;
+        for r in &self.remote {
+            if region.is_none_or(|(t, _, _)| t != r.token) {
+                region = live.get(&r.token).map(|&(a, l)| (r.token, a, l));
+            }
+            let inside = region.is_some_and(|(_, a, l)| {
+                a <= r.addr && r.addr.checked_add(r.len).is_some_and(|e| e <= a + l)
+            });
+            if !inside {
+                return Err(Error::not_found(format!(
+                    "agent {:?} has no registered region covering {:#x}+{} (deregistered?)",
+                    target.agent, r.addr, r.len
+                )));
+            }
+        }
         for (l, r) in self.local.iter().zip(&self.remote) {
             let (src, dst) = match self.op {
                 XferOp::Write => (l.addr, r.addr),
                 XferOp::Read => (r.addr, l.addr),
             };
             debug_assert_eq!(l.len, r.len);
-            // SAFETY: both ranges were validated by the agent against live DRAM registrations of
-            // this process (the target's published ones, or our own for loopback), and whoever
-            // registered them promised, per `Agent::register_mem`, that they stay valid and are
-            // not accessed concurrently while registered. `copy_bytes` tolerates overlap.
+            // SAFETY: both ranges were validated by the agent against DRAM registrations of this
+            // process (the target's published ones, or our own for loopback); the target ranges
+            // were just checked to lie inside regions it still has registered, and `live` keeps
+            // them so until the copy ends. Whoever registered them promised, per `Agent::register_mem`, that
+            // they stay valid and are not accessed concurrently while registered. `copy_bytes`
+            // tolerates overlap.
             unsafe {
                 crate::copy::copy_bytes(
                     src as usize as *const u8,
@@ -240,6 +307,7 @@ impl BackendXfer for LoopbackXfer {
                 )
             };
         }
+        drop(live);
         if let Some(msg) = notif {
             target.notifs.deliver(&self.from, msg);
         }

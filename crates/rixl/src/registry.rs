@@ -6,7 +6,11 @@ use rixl_core::{BackendFactory, Params};
 
 /// Every backend this build can create, in the order `get_plugin_list` reports them.
 pub fn factories() -> &'static [BackendFactory] {
-    static FACTORIES: &[BackendFactory] = &[crate::loopback::FACTORY];
+    static FACTORIES: &[BackendFactory] = &[
+        crate::loopback::FACTORY,
+        #[cfg(feature = "shm")]
+        rixl_shm::FACTORY,
+    ];
     FACTORIES
 }
 
