@@ -5,7 +5,7 @@
 //! it with a timeout. Nobody polls: a push wakes the sleepers.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,7 +28,13 @@ pub struct NotifQueue {
     queue: Mutex<VecDeque<Notification>>,
     cond: Condvar,
     pushed: AtomicU64,
+    /// Notifications queued right now (read without the lock by spinning waiters).
+    queued: AtomicUsize,
 }
+
+/// How long a waiter spins before sleeping: a notification round trip on one host takes tens of
+/// microseconds, and a sleeping thread adds a wake-up (several microseconds here) to each leg.
+const SPIN: Duration = Duration::from_micros(50);
 
 impl NotifQueue {
     /// An empty queue.
@@ -45,7 +51,10 @@ impl NotifQueue {
     }
 
     fn push(&self, n: Notification) {
-        self.queue.lock().push_back(n);
+        let mut q = self.queue.lock();
+        q.push_back(n);
+        self.queued.store(q.len(), Ordering::Release);
+        drop(q);
         self.pushed.fetch_add(1, Ordering::Release);
         self.cond.notify_all();
     }
@@ -55,21 +64,39 @@ impl NotifQueue {
     pub fn drain(&self, mut filter: impl FnMut(usize) -> bool) -> Vec<Notification> {
         let mut q = self.queue.lock();
         let mut out = Vec::new();
-        q.retain(|n| {
-            if filter(n.backend) {
-                out.push(n.clone());
-                false
-            } else {
-                true
-            }
-        });
+        if q.iter().all(|n| filter(n.backend)) {
+            out.extend(q.drain(..));
+        } else {
+            q.retain(|n| {
+                if filter(n.backend) {
+                    out.push(n.clone());
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+        self.queued.store(q.len(), Ordering::Release);
         out
     }
 
     /// Blocks until a notification accepted by `filter` is queued or `timeout` passes; returns
     /// whether one is there. Does not remove anything.
     pub fn wait(&self, timeout: Duration, mut filter: impl FnMut(usize) -> bool) -> bool {
-        let deadline = Instant::now().checked_add(timeout);
+        let start = Instant::now();
+        let spin = SPIN.min(timeout);
+        loop {
+            if self.queued.load(Ordering::Acquire) > 0
+                && self.queue.lock().iter().any(|n| filter(n.backend))
+            {
+                return true;
+            }
+            if start.elapsed() >= spin {
+                break;
+            }
+            std::hint::spin_loop();
+        }
+        let deadline = start.checked_add(timeout);
         let mut q = self.queue.lock();
         loop {
             if q.iter().any(|n| filter(n.backend)) {

@@ -25,15 +25,39 @@ pub fn transfer(
     op: XferOp,
     local: &[Segment],
     remote: &[Segment],
-    mut keep_going: impl FnMut() -> bool,
+    keep_going: impl FnMut() -> bool,
 ) -> Result<()> {
-    let mut cur = Cursor::default();
     let empty = libc::iovec {
         iov_base: std::ptr::null_mut(),
         iov_len: 0,
     };
-    let mut liov = [empty; IOV_MAX];
-    let mut riov = [empty; IOV_MAX];
+    // Small requests (the latency-critical ones) use stack arrays; zero-filling two full
+    // IOV_MAX arrays would cost more than copying a 4 KiB page.
+    if local.len() <= SMALL {
+        let mut liov = [empty; SMALL];
+        let mut riov = [empty; SMALL];
+        return transfer_with(pid, op, local, remote, &mut liov, &mut riov, keep_going);
+    }
+    let n = local.len().min(IOV_MAX);
+    let mut liov = vec![empty; n];
+    let mut riov = vec![empty; n];
+    transfer_with(pid, op, local, remote, &mut liov, &mut riov, keep_going)
+}
+
+/// Segment count up to which iovec arrays live on the stack.
+const SMALL: usize = 16;
+
+fn transfer_with(
+    pid: u32,
+    op: XferOp,
+    local: &[Segment],
+    remote: &[Segment],
+    liov: &mut [libc::iovec],
+    riov: &mut [libc::iovec],
+    mut keep_going: impl FnMut() -> bool,
+) -> Result<()> {
+    let max = liov.len();
+    let mut cur = Cursor::default();
     while cur.seg < local.len() {
         if !keep_going() {
             return Err(Error::canceled("the transfer was cancelled"));
@@ -42,7 +66,7 @@ pub fn transfer(
         let mut expect: u64 = 0;
         let mut i = cur.seg;
         let mut off = cur.off;
-        while i < local.len() && n < IOV_MAX {
+        while i < local.len() && n < max {
             let (l, r) = (&local[i], &remote[i]);
             let len = l.len - off;
             liov[n] = libc::iovec {
