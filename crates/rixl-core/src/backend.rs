@@ -224,6 +224,14 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// such as the I/O engine actually in use).
     fn params(&self) -> Params;
 
+    /// Whether this backend moves data between `local` memory and `target` memory (both already
+    /// among its memory types). The agent only picks backends that can, so a storage backend
+    /// that also registers DRAM (for its local side) is never chosen for DRAM→DRAM. Default: any
+    /// pair of supported types.
+    fn moves(&self, _local: MemType, _target: MemType) -> bool {
+        true
+    }
+
     /// Registers one region. The agent has already checked the descriptor and refused overlaps.
     fn register(&self, mem: MemType, desc: &RegDesc) -> Result<LocalRegion>;
 

@@ -764,11 +764,15 @@ impl AgentInner {
             return Err(if e.kind() == rixl_core::ErrorKind::InvalidParam {
                 e
             } else {
-                Error::backend(format!(
+                let err = Error::backend(format!(
                     "every backend refused the registration: {}",
                     e.message()
                 ))
-                .with_mem(mem)
+                .with_mem(mem);
+                match e.os_error() {
+                    Some(errno) => err.with_os_error(errno),
+                    None => err,
+                }
             });
         }
         Ok(())

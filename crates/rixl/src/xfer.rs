@@ -352,7 +352,14 @@ impl Agent {
         };
         let (li, ri) = candidates
             .iter()
-            .find_map(|&b| Some((pick(&l.resolutions, b)?, pick(&r.resolutions, b)?)))
+            .find_map(|&b| {
+                let (li, ri) = (pick(&l.resolutions, b)?, pick(&r.resolutions, b)?);
+                l.resolutions[li]
+                    .backend
+                    .backend
+                    .moves(l.mem, r.mem)
+                    .then_some((li, ri))
+            })
             .ok_or_else(|| Error::invalid_param("no backend is common to both prepared lists"))?;
         let (lres, rres) = (&l.resolutions[li], &r.resolutions[ri]);
         let (lent, rent) = (&lres.entries[..], &rres.entries[..]);
@@ -483,6 +490,12 @@ impl Agent {
         let mut first_miss: Option<Error> = None;
         for slot in slots.iter().filter(|s| allowed.allows(s.index)) {
             if opts.notif.is_some() && !slot.caps.notif {
+                continue;
+            }
+            if !slot.caps.supports(local.mem())
+                || !slot.caps.supports(remote.mem())
+                || !slot.backend.moves(local.mem(), remote.mem())
+            {
                 continue;
             }
             let Some(lsec) = regs.section(local.mem(), slot.index) else {
@@ -782,6 +795,14 @@ impl XferRequest {
             .map_err(|e| e.with_backend(&r.backend.name).with_op(r.op))?;
         let telemetry = r.agent.config.capture_telemetry;
         let start = if telemetry { monotonic_nanos() } else { 0 };
+        if notif.is_some() && !r.backend.caps.notif {
+            return Err(Error::backend(format!(
+                "a notification was given but backend {} cannot carry notifications",
+                r.backend.name
+            ))
+            .with_backend(&r.backend.name)
+            .with_op(r.op));
+        }
         let handle = r.completion.begin()?;
         let mut guard = r.notif.lock();
         if let Some(n) = notif {

@@ -1,0 +1,471 @@
+//! # rixl-posix: the `POSIX` storage backend
+//!
+//! Moves bytes between registered host memory (DRAM) and files or block devices (FILE, BLK)
+//! of the agent's own machine. It is a local-only backend, like NIXL's `POSIX` plugin: a
+//! transfer targets the agent itself, its "remote" descriptors are file offsets
+//! (`addr` = offset, `dev` = the registration's key), WRITE stores DRAM into the file and READ
+//! loads file bytes into DRAM. Capabilities: local, not remote, no notifications.
+//!
+//! ## Registrations
+//!
+//! - **DRAM**: accepted as a token; the agent already validated the range.
+//! - **FILE / BLK, fd mode** (NIXL's default): `dev` is an open file descriptor owned by the
+//!   caller, who keeps it open while it is registered. Its access mode (`O_RDONLY`, `O_WRONLY`,
+//!   `O_RDWR`) and `O_DIRECT` / `O_APPEND` flags are read with `fcntl(F_GETFL)` (WRITEs to an
+//!   `O_APPEND` descriptor are refused: Linux would append them regardless of their offset).
+//! - **FILE / BLK, path mode**: the meta bytes are `"<ro|rw>[,direct][,sync][,noatime][,create]:<path>"`.
+//!   The backend opens the path at registration (`O_RDONLY`/`O_RDWR` plus
+//!   `O_DIRECT`/`O_SYNC`/`O_NOATIME`/`O_CREAT`, mode 0644) and closes it when the registration
+//!   is gone; `dev` is only the key that transfer descriptors use. Meta bytes that do not parse
+//!   exactly mean fd mode (a plain path there is fine: NIXL programs pass one for queries).
+//!   An open failure fails the registration with the path and the OS error.
+//! - A registration of length 0 covers the whole file (the agent treats it as unbounded).
+//!
+//! Requests hold the file regions they use, so a file stays open until the last request built
+//! on it is dropped, even if it is deregistered first (the agent then refuses to post such a
+//! request, and no fd number can be reused under an in-flight operation).
+//!
+//! ## Transfers
+//!
+//! A prepared transfer is checked once, when the request is made (DRAM ↔ FILE/BLK only, else
+//! `NotSupported`; WRITE needs a writable file and READ a readable one, else `NotAllowed` —
+//! NIXL only fails such a request at post time, with `NIXL_ERR_BACKEND`; O_DIRECT alignment,
+//! else `InvalidParam` naming the misaligned value and the alignment O_DIRECT needs) and split
+//! into operations of at most `max_io_size` bytes (16 MiB).
+//! A post hands every operation to the engine at once and returns `InProgress`; the engine's
+//! own thread calls `complete` when the last operation finished, with the first error if any.
+//! Short reads and writes are resumed where they stopped; a read that reaches the end of the
+//! file fails (`Backend`, as in NIXL) with "read of N bytes at offset X of F returned M: end of
+//! file". OS errors
+//! (ENOSPC, EIO, ...) fail the post with a `Backend` error naming the file and offset and
+//! carrying the errno; other posts, the backend and the agent stay usable.
+//!
+//! Cancelling (or dropping) a request with a post in flight is fenced: operations not started
+//! are dropped, those in the kernel are cancelled or waited for, and only then does `cancel`
+//! return, so no byte of that post is written afterwards.
+//!
+//! ## Engines
+//!
+//! - `io_uring` (default): one ring and one thread per backend (the `uring` module explains the
+//!   design): batched submission, `kernel_queue_size` operations in flight, registered files,
+//!   the thread blocks in `io_uring_enter` until a completion or a new post arrives.
+//! - `threads`: worker threads doing `pread`/`pwrite`, used automatically when io_uring cannot
+//!   be set up (ENOSYS under seccomp, `kernel.io_uring_disabled`, an old kernel) or on request.
+//!   The engine in use is reported by `params()["engine"]`, and a fallback is logged with the
+//!   reason and reported in `params()["engine_fallback_reason"]`.
+//!
+//! Which is faster depends on the load. On the project's 2-core VM, io_uring is the clear
+//! choice for O_DIRECT (4 KiB random reads at queue depth 128: ~62k IOPS against ~24k for four
+//! threads) and equal for large sequential transfers; for small buffered reads that hit the page
+//! cache the thread pool copies on every core and is faster (see `benches/posix_bw.rs`).
+//!
+//! Keep DRAM buffers page-aligned for buffered I/O: on AMD EPYC hosts the kernel's copy into a
+//! buffer that starts a few bytes past a page boundary (what `malloc` returns for large
+//! blocks) runs about 4x slower than into an aligned one.
+//!
+//! ## Parameters
+//!
+//! | Param (default) | Meaning |
+//! |---|---|
+//! | `engine` (`auto`) | `auto`: io_uring, else threads. `io_uring`: io_uring or a creation error. `threads`: the thread pool. |
+//! | `use_uring` (`false`) | NIXL's name: same as `engine=io_uring`. |
+//! | `use_aio` (`false`) | NIXL's libaio queue. RIXL has no libaio engine; io_uring is the kernel's asynchronous I/O path, so this means `engine=auto`. |
+//! | `use_posix_aio` (`false`) | NIXL's POSIX AIO queue; glibc implements it with threads doing pread/pwrite, so this means `engine=threads`. |
+//! | `kernel_queue_size` (256) | io_uring: data operations in flight (the ring is sized from it). |
+//! | `ios_pool_size` (65536) | Most I/O operations one post may need (as NIXL's I/O pool, a larger request is refused with `InvalidParam`). |
+//! | `num_threads` (0 = auto: 2 per core, 4–32) | Workers of the thread-pool engine. |
+//! | `max_io_size` (16 MiB) | Largest single read or write; larger segments are split. |
+//!
+//! At most one of the three `use_*` flags may be true, and it must agree with `engine`.
+//!
+//! ## `query_mem`
+//!
+//! For each descriptor whose meta names a path (a plain path, or a path-mode string whose prefix
+//! is stripped, which NIXL does not do): `{"size", "mode", "mtime"}` (mode = `st_mode` in
+//! decimal, mtime in epoch seconds, size of a block device from the device), or `None` if it
+//! does not exist or the meta is empty. Other `stat` failures (EACCES, ELOOP) are errors.
+
+#![warn(missing_docs)]
+
+mod engine;
+mod meta;
+mod params;
+mod plan;
+mod region;
+mod threads;
+mod uring;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
+use rixl_core::{
+    Backend, BackendContext, BackendFactory, BackendXfer, Capabilities, CompletionHandle, Error,
+    LocalRegion, MemType, Params, PostOutcome, RegDesc, Result, XferOp, XferSpec,
+};
+
+use crate::engine::Engine;
+use crate::params::{Config, EngineChoice};
+use crate::plan::{Chunk, Plan, Post};
+use crate::region::Region;
+
+/// The backend's name.
+pub const NAME: &str = "POSIX";
+
+const MEMS: &[MemType] = &[MemType::Dram, MemType::File, MemType::Blk];
+
+/// Registry entry (add it to the agent's static backend list).
+pub const FACTORY: BackendFactory = BackendFactory {
+    name: NAME,
+    mems: MEMS,
+    default_params: params::DEFAULTS,
+    create,
+};
+
+fn create(ctx: BackendContext) -> Result<Arc<dyn Backend>> {
+    Ok(Arc::new(Posix::new(&ctx.params)?))
+}
+
+/// The `POSIX` backend. See the crate documentation.
+#[derive(Debug)]
+pub struct Posix {
+    cfg: Config,
+    params: Params,
+    engine: Arc<dyn Engine>,
+    regions: RwLock<HashMap<u64, Arc<Region>>>,
+    next_token: AtomicU64,
+}
+
+impl Posix {
+    /// Creates the backend from its parameters (see the crate documentation).
+    pub fn new(given: &Params) -> Result<Posix> {
+        let mut params: Params = params::DEFAULTS
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        params.extend(given.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let cfg = Config::from_params(&params)?;
+        let engine: Arc<dyn Engine> = match cfg.choice {
+            EngineChoice::Threads => Arc::new(threads::Threads::new(cfg.threads)?),
+            EngineChoice::Uring => Arc::new(uring::Uring::new(cfg.queue_depth).map_err(|e| {
+                Error::backend(format!(
+                    "POSIX: io_uring was requested but cannot be used: {}",
+                    e.message()
+                ))
+            })?),
+            EngineChoice::Auto => match uring::Uring::new(cfg.queue_depth) {
+                Ok(u) => Arc::new(u),
+                Err(e) => {
+                    tracing::warn!(
+                        "POSIX: io_uring unavailable ({}); using the thread-pool engine",
+                        e.message()
+                    );
+                    params.insert("engine_fallback_reason".into(), e.message().to_owned());
+                    Arc::new(threads::Threads::new(cfg.threads)?)
+                }
+            },
+        };
+        params.insert("engine".into(), engine.name().into());
+        params.insert("num_threads".into(), cfg.threads.to_string());
+        Ok(Posix {
+            cfg,
+            params,
+            engine,
+            regions: RwLock::new(HashMap::new()),
+            next_token: AtomicU64::new(1),
+        })
+    }
+
+    /// The engine in use: `"io_uring"` or `"threads"`.
+    pub fn engine_name(&self) -> &'static str {
+        self.engine.name()
+    }
+
+    fn build_plan(&self, spec: &XferSpec<'_>) -> Result<Plan> {
+        if spec.local_mem != MemType::Dram
+            || !matches!(spec.remote_mem, MemType::File | MemType::Blk)
+        {
+            return Err(Error::not_supported(format!(
+                "POSIX moves DRAM to and from FILE/BLK; it cannot transfer {} to {}",
+                spec.local_mem, spec.remote_mem
+            )));
+        }
+        if !spec.loopback {
+            return Err(Error::not_supported(format!(
+                "POSIX is local-only: the target must be this agent, not {:?}",
+                spec.peer
+            )));
+        }
+        if spec.local.len() != spec.remote.len() {
+            return Err(Error::invalid_param(format!(
+                "{} local segments but {} file segments",
+                spec.local.len(),
+                spec.remote.len()
+            )));
+        }
+        let map = self.regions.read();
+        let max_io = u64::from(self.cfg.max_io);
+        let mut regions: Vec<Arc<Region>> = Vec::new();
+        let mut index_of: HashMap<u64, u32> = HashMap::new();
+        let mut last: Option<(u64, u32)> = None;
+        let mut chunks = Vec::with_capacity(spec.local.len());
+        for (i, (l, r)) in spec.local.iter().zip(spec.remote.iter()).enumerate() {
+            if l.len != r.len {
+                return Err(Error::invalid_param(format!(
+                    "segment {i}: {} DRAM bytes but {} file bytes",
+                    l.len, r.len
+                )));
+            }
+            let ri = match last {
+                Some((tok, idx)) if tok == r.token => idx,
+                _ => {
+                    let idx = match index_of.get(&r.token) {
+                        Some(&idx) => idx,
+                        None => {
+                            let reg = map.get(&r.token).ok_or_else(|| {
+                                Error::not_found(format!(
+                                    "segment {i}: {} registration (dev {}) is not registered \
+                                     with POSIX any more",
+                                    spec.remote_mem, r.dev
+                                ))
+                            })?;
+                            let idx = regions.len() as u32;
+                            regions.push(reg.clone());
+                            index_of.insert(r.token, idx);
+                            idx
+                        }
+                    };
+                    last = Some((r.token, idx));
+                    idx
+                }
+            };
+            let reg = &regions[ri as usize];
+            check_segment(spec.op, reg, i, l.addr, r.addr, l.len)?;
+            let mut done = 0u64;
+            while done < l.len {
+                let n = (l.len - done).min(max_io);
+                chunks.push(Chunk {
+                    buf: l.addr + done,
+                    off: r.addr + done,
+                    len: n as u32,
+                    region: ri,
+                });
+                done += n;
+            }
+            if chunks.len() > self.cfg.ios_pool_size {
+                return Err(Error::invalid_param(format!(
+                    "the transfer needs more than ios_pool_size={} I/O operations (segments are \
+                     split at {} bytes); raise ios_pool_size or max_io_size",
+                    self.cfg.ios_pool_size, self.cfg.max_io
+                )));
+            }
+        }
+        Ok(Plan {
+            op: spec.op,
+            chunks,
+            regions,
+        })
+    }
+}
+
+/// Checks one segment against its file: access mode, offsets that fit in `off_t`, O_DIRECT
+/// alignment.
+fn check_segment(op: XferOp, reg: &Region, i: usize, buf: u64, off: u64, len: u64) -> Result<()> {
+    let mem = reg.mem;
+    match op {
+        XferOp::Write if reg.append => {
+            return Err(Error::not_allowed(format!(
+                "segment {i}: WRITE to {} is not allowed: the descriptor was opened with \
+                 O_APPEND, so Linux would append the data instead of writing it at offset {off}",
+                reg.label
+            ))
+            .with_mem(mem));
+        }
+        XferOp::Write if !reg.writable => {
+            return Err(Error::not_allowed(format!(
+                "segment {i}: WRITE to {} is not allowed: it was registered read-only",
+                reg.label
+            ))
+            .with_mem(mem));
+        }
+        XferOp::Read if !reg.readable => {
+            return Err(Error::not_allowed(format!(
+                "segment {i}: READ from {} is not allowed: it was opened write-only",
+                reg.label
+            ))
+            .with_mem(mem));
+        }
+        _ => {}
+    }
+    // pread/pwrite and io_uring take signed offsets (io_uring reads -1 as "current position").
+    if off.checked_add(len).is_none_or(|end| end > i64::MAX as u64) {
+        return Err(Error::invalid_param(format!(
+            "segment {i}: offset {off} + length {len} of {} is beyond the largest file offset",
+            reg.label
+        ))
+        .with_mem(mem));
+    }
+    if reg.direct {
+        let a = reg.align;
+        let bad = if !buf.is_multiple_of(a.mem) {
+            Some(format!(
+                "buffer address {buf:#x} is not a multiple of {} bytes",
+                a.mem
+            ))
+        } else if !off.is_multiple_of(a.offset) {
+            Some(format!(
+                "file offset {off} is not a multiple of {} bytes",
+                a.offset
+            ))
+        } else if !len.is_multiple_of(a.offset) {
+            Some(format!(
+                "length {len} is not a multiple of {} bytes",
+                a.offset
+            ))
+        } else {
+            None
+        };
+        if let Some(what) = bad {
+            return Err(Error::invalid_param(format!(
+                "segment {i}: {} is opened with O_DIRECT, which needs buffer addresses aligned to \
+                 {} bytes and offsets and lengths aligned to {} bytes (from {}): {what}",
+                reg.label, a.mem, a.offset, a.source
+            ))
+            .with_mem(mem));
+        }
+    }
+    Ok(())
+}
+
+impl Backend for Posix {
+    fn name(&self) -> &str {
+        NAME
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            remote: false,
+            local: true,
+            notif: false,
+            mems: MEMS.to_vec(),
+        }
+    }
+
+    fn params(&self) -> Params {
+        self.params.clone()
+    }
+
+    /// Host memory to and from storage only: DRAM→DRAM is another backend's job.
+    fn moves(&self, local: MemType, target: MemType) -> bool {
+        local == MemType::Dram && matches!(target, MemType::File | MemType::Blk)
+    }
+
+    fn register(&self, mem: MemType, desc: &RegDesc) -> Result<LocalRegion> {
+        let token = self.next_token.fetch_add(1, Ordering::Relaxed);
+        match mem {
+            // Host memory needs no state: the agent validated it and gives us its addresses.
+            // A distinct token per registration keeps the agent from merging across two.
+            MemType::Dram => {}
+            MemType::File | MemType::Blk => {
+                let mut region = match meta::parse(&desc.meta) {
+                    Some(m) => Region::open(mem, &m)?,
+                    None => Region::borrow_fd(mem, desc.desc.dev, &desc.meta)?,
+                };
+                region.fixed = self.engine.fixed_slot(region.fd);
+                self.regions.write().insert(token, Arc::new(region));
+            }
+            other => {
+                return Err(Error::not_supported(format!(
+                    "POSIX cannot register {other} memory (DRAM, FILE and BLK only)"
+                ))
+                .with_mem(other))
+            }
+        }
+        Ok(LocalRegion {
+            token,
+            public: Vec::new(),
+        })
+    }
+
+    fn deregister(&self, mem: MemType, token: u64) -> Result<()> {
+        if mem == MemType::Dram {
+            return Ok(());
+        }
+        // Dropping our reference closes an owned file now, unless a request built on it still
+        // exists (it closes when that request is dropped).
+        match self.regions.write().remove(&token) {
+            Some(_) => Ok(()),
+            None => Err(Error::not_found(format!(
+                "POSIX has no {mem} registration with token {token}"
+            ))),
+        }
+    }
+
+    fn prepare_xfer(&self, spec: XferSpec<'_>) -> Result<Box<dyn BackendXfer>> {
+        let plan = self.build_plan(&spec)?;
+        Ok(Box::new(PosixXfer {
+            plan: Arc::new(plan),
+            engine: self.engine.clone(),
+            current: Mutex::new(None),
+        }))
+    }
+
+    fn query_mem(&self, _mem: MemType, descs: &[RegDesc]) -> Result<Vec<Option<Params>>> {
+        descs
+            .iter()
+            .map(|d| match meta::query_path(&d.meta) {
+                Some(p) => region::query(p),
+                None => Ok(None),
+            })
+            .collect()
+    }
+}
+
+/// A prepared POSIX transfer.
+#[derive(Debug)]
+struct PosixXfer {
+    plan: Arc<Plan>,
+    engine: Arc<dyn Engine>,
+    /// The latest post (finished or not).
+    current: Mutex<Option<Arc<Post>>>,
+}
+
+impl BackendXfer for PosixXfer {
+    fn post(&self, notif: Option<&[u8]>, done: CompletionHandle) -> Result<PostOutcome> {
+        if notif.is_some() {
+            return Err(Error::backend(
+                "POSIX cannot deliver notifications (it is a local storage backend)",
+            ));
+        }
+        if self.plan.chunks.is_empty() {
+            // Nothing to move (the agent never prepares empty transfers; be safe anyway).
+            return Ok(PostOutcome::Done);
+        }
+        let post = Post::new(self.plan.clone(), done);
+        *self.current.lock() = Some(post.clone());
+        self.engine.submit(post);
+        Ok(PostOutcome::InProgress)
+    }
+
+    fn cancel(&self) -> Result<()> {
+        let cur = self.current.lock().clone();
+        if let Some(p) = cur {
+            if p.request_cancel() {
+                self.engine.cancel(&p);
+            }
+            p.wait_finished();
+        }
+        Ok(())
+    }
+}
+
+impl Drop for PosixXfer {
+    fn drop(&mut self) {
+        // A request dropped mid-post must not leave I/O into memory its owner may now free.
+        let _ = self.cancel();
+    }
+}
+
+#[cfg(test)]
+mod tests;

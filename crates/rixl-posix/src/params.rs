@@ -1,0 +1,238 @@
+//! Backend parameters: RIXL's own names and NIXL's, and how they map onto the engines.
+
+use rixl_core::{Error, Params, Result};
+
+/// Advertised parameters and their defaults (what `get_plugin_params("POSIX")` reports).
+pub(crate) const DEFAULTS: &[(&str, &str)] = &[
+    ("engine", "auto"),
+    ("use_uring", "false"),
+    ("use_aio", "false"),
+    ("use_posix_aio", "false"),
+    ("ios_pool_size", "65536"),
+    ("kernel_queue_size", "256"),
+    ("num_threads", "0"),
+    ("max_io_size", "16777216"),
+];
+
+/// Which engine the caller asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum EngineChoice {
+    /// io_uring, falling back to the thread pool when io_uring cannot be set up.
+    Auto,
+    /// io_uring or a creation error.
+    Uring,
+    /// The pread/pwrite thread pool.
+    Threads,
+}
+
+/// Parsed, validated parameters.
+#[derive(Clone, Debug)]
+pub(crate) struct Config {
+    pub choice: EngineChoice,
+    /// io_uring ring depth and maximum operations in flight on the ring.
+    pub queue_depth: u32,
+    /// Maximum I/O operations one post may need.
+    pub ios_pool_size: usize,
+    /// Worker threads of the thread-pool engine.
+    pub threads: usize,
+    /// Largest single read or write; larger segments are split.
+    pub max_io: u32,
+}
+
+/// Largest ring NIXL's `kernel_queue_size` may ask for (the kernel's own limit).
+const MAX_QUEUE: u32 = 32768;
+
+fn parse_bool(key: &str, v: &str) -> Result<bool> {
+    // NIXL's boolean syntax (NIXL-API §3.11).
+    match v.trim().to_ascii_lowercase().as_str() {
+        "y" | "yes" | "on" | "1" | "true" | "enable" => Ok(true),
+        "n" | "no" | "off" | "0" | "false" | "disable" => Ok(false),
+        _ => Err(Error::invalid_param(format!(
+            "POSIX parameter {key}={v:?} is not a boolean (use true/false, yes/no, on/off, 1/0)"
+        ))),
+    }
+}
+
+fn parse_num(key: &str, v: &str, min: u64, max: u64) -> Result<u64> {
+    let n: u64 = v.trim().parse().map_err(|_| {
+        Error::invalid_param(format!(
+            "POSIX parameter {key}={v:?} is not a non-negative integer"
+        ))
+    })?;
+    if n < min || n > max {
+        return Err(Error::invalid_param(format!(
+            "POSIX parameter {key}={n} is out of range ({min}..={max})"
+        )));
+    }
+    Ok(n)
+}
+
+/// The thread count `num_threads=0` stands for: enough workers to keep a few O_DIRECT requests
+/// in flight per core, since each worker has exactly one I/O outstanding.
+pub(crate) fn auto_threads() -> usize {
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+    (cpus * 2).clamp(4, 32)
+}
+
+impl Config {
+    /// Parses the merged parameters (defaults overridden by the caller's). Unknown keys are
+    /// refused so that a misspelt tuning knob does not silently do nothing.
+    pub fn from_params(p: &Params) -> Result<Config> {
+        for k in p.keys() {
+            // `engine_fallback_reason` is only ever reported by `params()`; accepting it back
+            // lets effective parameters be passed to a new backend unchanged.
+            if !DEFAULTS.iter().any(|(d, _)| d == k) && k != "engine_fallback_reason" {
+                let known: Vec<&str> = DEFAULTS.iter().map(|(k, _)| *k).collect();
+                return Err(Error::invalid_param(format!(
+                    "POSIX does not know parameter {k:?} (known: {})",
+                    known.join(", ")
+                )));
+            }
+        }
+        let get = |k: &str| -> &str {
+            p.get(k).map(String::as_str).unwrap_or_else(|| {
+                DEFAULTS
+                    .iter()
+                    .find(|(d, _)| *d == k)
+                    .map_or("", |(_, v)| v)
+            })
+        };
+        let use_uring = parse_bool("use_uring", get("use_uring"))?;
+        let use_aio = parse_bool("use_aio", get("use_aio"))?;
+        let use_posix_aio = parse_bool("use_posix_aio", get("use_posix_aio"))?;
+        let picked = [use_uring, use_aio, use_posix_aio]
+            .iter()
+            .filter(|b| **b)
+            .count();
+        if picked > 1 {
+            return Err(Error::invalid_param(
+                "POSIX: at most one of use_uring, use_aio and use_posix_aio may be true",
+            ));
+        }
+        // NIXL's queue choice. RIXL has no libaio engine: `use_aio` asks for kernel asynchronous
+        // I/O, which io_uring provides (with the thread pool as the fallback, as for the
+        // default). glibc's POSIX AIO is itself a pool of threads doing pread/pwrite, which is
+        // exactly the thread-pool engine.
+        let nixl = if use_uring {
+            Some(EngineChoice::Uring)
+        } else if use_aio {
+            Some(EngineChoice::Auto)
+        } else if use_posix_aio {
+            Some(EngineChoice::Threads)
+        } else {
+            None
+        };
+        let engine = get("engine");
+        let rixl = match engine.trim().to_ascii_lowercase().as_str() {
+            "auto" | "" => None,
+            "io_uring" | "uring" => Some(EngineChoice::Uring),
+            "threads" | "thread_pool" => Some(EngineChoice::Threads),
+            other => {
+                return Err(Error::invalid_param(format!(
+                    "POSIX parameter engine={other:?} is not one of auto, io_uring, threads"
+                )))
+            }
+        };
+        let choice = match (rixl, nixl) {
+            (Some(a), Some(b)) if a != b => {
+                return Err(Error::invalid_param(format!(
+                    "POSIX parameter engine={engine} contradicts use_uring/use_aio/use_posix_aio"
+                )))
+            }
+            (Some(a), _) => a,
+            (None, Some(b)) => b,
+            (None, None) => EngineChoice::Auto,
+        };
+        let queue_depth = parse_num(
+            "kernel_queue_size",
+            get("kernel_queue_size"),
+            1,
+            MAX_QUEUE.into(),
+        )? as u32;
+        let ios_pool_size = parse_num("ios_pool_size", get("ios_pool_size"), 1, 1 << 32)? as usize;
+        let threads = match parse_num("num_threads", get("num_threads"), 0, 1024)? {
+            0 => auto_threads(),
+            n => n as usize,
+        };
+        let max_io = parse_num("max_io_size", get("max_io_size"), 4096, 1 << 30)?;
+        if !max_io.is_multiple_of(4096) {
+            // Splits must keep O_DIRECT alignment, whatever the device's block size.
+            return Err(Error::invalid_param(format!(
+                "POSIX parameter max_io_size={max_io} must be a multiple of 4096"
+            )));
+        }
+        Ok(Config {
+            choice,
+            queue_depth,
+            ios_pool_size,
+            threads,
+            max_io: max_io as u32,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(kv: &[(&str, &str)]) -> Result<Config> {
+        let p: Params = kv
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        Config::from_params(&p)
+    }
+
+    #[test]
+    fn defaults() {
+        let c = cfg(&[]).unwrap();
+        assert_eq!(c.choice, EngineChoice::Auto);
+        assert_eq!(c.queue_depth, 256);
+        assert_eq!(c.ios_pool_size, 65536);
+        assert_eq!(c.max_io, 16 << 20);
+        assert!(c.threads >= 4);
+    }
+
+    #[test]
+    fn nixl_names_map_onto_engines() {
+        assert_eq!(
+            cfg(&[("use_uring", "true")]).unwrap().choice,
+            EngineChoice::Uring
+        );
+        assert_eq!(
+            cfg(&[("use_aio", "yes")]).unwrap().choice,
+            EngineChoice::Auto
+        );
+        assert_eq!(
+            cfg(&[("use_posix_aio", "1")]).unwrap().choice,
+            EngineChoice::Threads
+        );
+        assert_eq!(
+            cfg(&[("engine", "threads")]).unwrap().choice,
+            EngineChoice::Threads
+        );
+        assert_eq!(
+            cfg(&[("engine", "io_uring"), ("use_uring", "true")])
+                .unwrap()
+                .choice,
+            EngineChoice::Uring
+        );
+    }
+
+    #[test]
+    fn bad_values_are_invalid_param() {
+        for kv in [
+            &[("use_uring", "true"), ("use_aio", "true")][..],
+            &[("engine", "threads"), ("use_uring", "true")],
+            &[("engine", "spdk")],
+            &[("kernel_queue_size", "0")],
+            &[("kernel_queue_size", "-1")],
+            &[("max_io_size", "5000")],
+            &[("use_uring", "maybe")],
+            &[("no_such_knob", "1")],
+        ] {
+            let e = cfg(kv).unwrap_err();
+            assert_eq!(e.kind(), rixl_core::ErrorKind::InvalidParam, "{kv:?}: {e}");
+        }
+    }
+}

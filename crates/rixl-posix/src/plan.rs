@@ -1,0 +1,261 @@
+//! What a prepared transfer does ([`Plan`]: the I/O operations, split and checked once) and the
+//! state of one post of it ([`Post`]: how many operations are left, the first error, whether it
+//! was cancelled), shared by both engines.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use parking_lot::{Condvar, Mutex};
+use rixl_core::{CompletionHandle, Error, ErrorKind, Result, XferOp};
+
+use crate::region::{self, Region};
+
+/// One read or write: `len` bytes between DRAM at `buf` and file offset `off`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Chunk {
+    pub buf: u64,
+    pub off: u64,
+    pub len: u32,
+    /// Index into [`Plan::regions`].
+    pub region: u32,
+}
+
+/// A prepared transfer: every segment split into [`Chunk`]s of at most `max_io_size` bytes.
+#[derive(Debug)]
+pub(crate) struct Plan {
+    pub op: XferOp,
+    pub chunks: Vec<Chunk>,
+    /// The file regions the chunks use. Holding them keeps their fds open (and unused by
+    /// anything else) for as long as a request built on them exists, even if the caller
+    /// deregisters in between.
+    pub regions: Vec<Arc<Region>>,
+}
+
+impl Plan {
+    pub fn region(&self, c: &Chunk) -> &Region {
+        &self.regions[c.region as usize]
+    }
+
+    fn what(&self) -> &'static str {
+        match self.op {
+            XferOp::Read => "read",
+            XferOp::Write => "write",
+        }
+    }
+
+    /// An operation failed with an OS error after `done` of its bytes had moved.
+    pub fn io_error(&self, c: &Chunk, done: u64, err: &io::Error) -> Error {
+        let r = self.region(c);
+        let after = if done > 0 {
+            format!(" after {done} bytes")
+        } else {
+            String::new()
+        };
+        Error::from_io(
+            ErrorKind::Backend,
+            format!(
+                "POSIX {} of {} bytes at offset {} of {} failed{after}",
+                self.what(),
+                c.len,
+                c.off,
+                r.label
+            ),
+            err,
+        )
+        .with_backend(crate::NAME)
+        .with_mem(r.mem)
+        .with_op(self.op)
+    }
+
+    /// A read reached the end of the file after `got` bytes.
+    pub fn eof_error(&self, c: &Chunk, got: u64) -> Error {
+        let r = self.region(c);
+        Error::backend(format!(
+            "POSIX read of {} bytes at offset {} of {} returned {got}: end of file (the file \
+             ends at offset {})",
+            c.len,
+            c.off,
+            r.label,
+            c.off + got
+        ))
+        .with_backend(crate::NAME)
+        .with_mem(r.mem)
+        .with_op(self.op)
+    }
+
+    /// A write made no progress without reporting an error (never expected from Linux; turned
+    /// into an error so that it cannot loop forever).
+    pub fn stalled_write_error(&self, c: &Chunk, done: u64) -> Error {
+        let r = self.region(c);
+        Error::backend(format!(
+            "POSIX write of {} bytes at offset {} of {} wrote nothing after {done} bytes",
+            c.len, c.off, r.label
+        ))
+        .with_backend(crate::NAME)
+        .with_mem(r.mem)
+        .with_op(self.op)
+    }
+
+    /// After a short O_DIRECT read of `done` bytes: is that the end of the file? (A buffered
+    /// read is simply retried and returns 0 at the end, but retrying an O_DIRECT read from an
+    /// unaligned end-of-file offset fails with EINVAL instead, which would hide the real cause.)
+    pub fn direct_read_hit_eof(&self, c: &Chunk, done: u64) -> bool {
+        let r = self.region(c);
+        r.direct
+            && self.op == XferOp::Read
+            && region::file_size(r.fd).is_ok_and(|size| c.off + done >= size)
+    }
+
+    /// Runs one chunk with blocking pread/pwrite, resuming after short transfers; stops early
+    /// (without error: the post reports why it stopped) once `stop` is set.
+    pub fn run_blocking(&self, c: &Chunk, stop: &AtomicBool) -> Result<()> {
+        let r = self.region(c);
+        let len = u64::from(c.len);
+        let mut done = 0u64;
+        while done < len {
+            let buf = (c.buf + done) as usize;
+            let n = (len - done) as usize;
+            let off = (c.off + done) as libc::off_t;
+            let res = match self.op {
+                // SAFETY: the agent validated `buf..buf+len` against a DRAM registration, whose
+                // owner promised (`Agent::register_mem`) that it stays allocated and untouched
+                // while a transfer may run; the plan keeps `r.fd` open. Offsets were checked to
+                // fit in `off_t` when the plan was built.
+                XferOp::Read => unsafe { libc::pread(r.fd, buf as *mut libc::c_void, n, off) },
+                // SAFETY: as above; pwrite only reads the buffer.
+                XferOp::Write => unsafe { libc::pwrite(r.fd, buf as *const libc::c_void, n, off) },
+            };
+            if res < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(self.io_error(c, done, &e));
+            }
+            if res == 0 {
+                return Err(match self.op {
+                    XferOp::Read => self.eof_error(c, done),
+                    XferOp::Write => self.stalled_write_error(c, done),
+                });
+            }
+            done += res as u64;
+            if done < len {
+                if self.direct_read_hit_eof(c, done) {
+                    return Err(self.eof_error(c, done));
+                }
+                if stop.load(Ordering::Acquire) {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Default)]
+struct PostSlow {
+    error: Option<Error>,
+    cancelled: bool,
+    finished: bool,
+}
+
+/// One post of a plan, shared by the posting thread and the engine.
+///
+/// Every chunk is accounted exactly once through [`Post::chunks_done`]: when it completed, failed,
+/// or was skipped because the post stopped. The call that accounts for the last one must call
+/// [`Post::finish`], which reports the result. Nothing of the post is in the kernel or in a
+/// worker any more at that point, which is what makes `cancel` (wait for `finish`) fenced.
+#[derive(Debug)]
+pub(crate) struct Post {
+    pub plan: Arc<Plan>,
+    done: CompletionHandle,
+    outstanding: AtomicUsize,
+    /// Set on the first error or on cancel: chunks not yet started are skipped.
+    stop: AtomicBool,
+    slow: Mutex<PostSlow>,
+    cv: Condvar,
+}
+
+impl Post {
+    pub fn new(plan: Arc<Plan>, done: CompletionHandle) -> Arc<Post> {
+        let n = plan.chunks.len();
+        Arc::new(Post {
+            plan,
+            done,
+            outstanding: AtomicUsize::new(n),
+            stop: AtomicBool::new(false),
+            slow: Mutex::new(PostSlow::default()),
+            cv: Condvar::new(),
+        })
+    }
+
+    /// True once the post failed or was cancelled: start nothing more of it.
+    #[inline]
+    pub fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
+    /// The flag engines pass to blocking I/O so it can give up early.
+    pub fn stop_flag(&self) -> &AtomicBool {
+        &self.stop
+    }
+
+    /// Accounts for `n` chunks; `result` is theirs (only the first error of a post is kept).
+    /// Returns true when these were the last ones: the caller must then call [`Post::finish`].
+    pub fn chunks_done(&self, n: usize, result: Result<()>) -> bool {
+        if n == 0 {
+            return false;
+        }
+        if let Err(e) = result {
+            let mut s = self.slow.lock();
+            if s.error.is_none() && !s.cancelled {
+                s.error = Some(e);
+            }
+            self.stop.store(true, Ordering::Release);
+        }
+        self.outstanding.fetch_sub(n, Ordering::AcqRel) == n
+    }
+
+    /// Reports the post's result and wakes `cancel` waiters.
+    pub fn finish(&self) {
+        let result = {
+            let mut s = self.slow.lock();
+            s.finished = true;
+            self.cv.notify_all();
+            if s.cancelled {
+                Err(Error::canceled("the transfer was cancelled"))
+            } else if let Some(e) = s.error.take() {
+                Err(e)
+            } else {
+                Ok(())
+            }
+        };
+        self.done.complete(result);
+    }
+
+    /// Marks the post cancelled. Returns false if it had already finished (nothing to do).
+    pub fn request_cancel(&self) -> bool {
+        let mut s = self.slow.lock();
+        if s.finished {
+            return false;
+        }
+        s.cancelled = true;
+        self.stop.store(true, Ordering::Release);
+        true
+    }
+
+    /// Blocks until every chunk of the post is accounted for.
+    pub fn wait_finished(&self) {
+        let mut s = self.slow.lock();
+        while !s.finished {
+            self.cv.wait(&mut s);
+        }
+    }
+
+    /// Whether the post has finished.
+    #[cfg(test)]
+    pub fn is_finished(&self) -> bool {
+        self.slow.lock().finished
+    }
+}

@@ -1,0 +1,739 @@
+//! The low-level agent (`_bindings.nixlAgent`): C++ method names, int handles, GIL released
+//! around every call that may block or walk descriptors.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyList, PyString};
+use rixl::{
+    Agent, AgentConfig, CostMethod, ErrorKind, Params, PreparedList, XferOp, XferOptions,
+    XferRequest, XferStatus,
+};
+
+use crate::array;
+use crate::dlist::{RegDList, XferDList};
+use crate::errors::{err, to_py, IntoPy};
+use crate::slab::Slab;
+
+/// Low-level agent configuration (NIXL's `nixlAgentConfig`).
+#[pyclass(module = "rixl._bindings", name = "nixlAgentConfig", get_all, set_all)]
+#[derive(Clone, Debug)]
+#[allow(non_snake_case)]
+pub struct Config {
+    /// Let backends run a progress thread (accepted; RIXL backends own their progress).
+    pub useProgThread: bool,
+    /// Run the metadata listener.
+    pub useListenThread: bool,
+    /// Listener port (0: the OS chooses).
+    pub listenPort: u16,
+    /// Thread-sync mode value (recorded; RIXL is always thread-safe).
+    pub syncMode: i64,
+    /// Progress-thread delay in µs (recorded).
+    pub pthrDelay: u64,
+    /// Listener-thread delay in µs (recorded).
+    pub lthrDelay: u64,
+    /// Record per-request telemetry.
+    pub captureTelemetry: bool,
+}
+
+#[pymethods]
+impl Config {
+    #[new]
+    #[pyo3(signature = (use_prog_thread = true, use_listen_thread = false, port = 0,
+        sync_mode = 0, num_workers = 1, pthr_delay_us = 0, lthr_delay_us = 100000,
+        capture_telemetry = false))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        use_prog_thread: bool,
+        use_listen_thread: bool,
+        port: u16,
+        sync_mode: i64,
+        num_workers: u64,
+        pthr_delay_us: u64,
+        lthr_delay_us: u64,
+        capture_telemetry: bool,
+    ) -> Self {
+        let _ = num_workers;
+        Config {
+            useProgThread: use_prog_thread,
+            useListenThread: use_listen_thread,
+            listenPort: port,
+            syncMode: sync_mode,
+            pthrDelay: pthr_delay_us,
+            lthrDelay: lthr_delay_us,
+            captureTelemetry: capture_telemetry,
+        }
+    }
+
+    fn __repr__(&self) -> String {
+        format!("{self:?}")
+    }
+}
+
+/// Per-request telemetry of the last post (NIXL's `nixlXferTelemetry`), integers in µs.
+#[pyclass(module = "rixl._bindings", name = "nixlXferTelemetry", frozen, get_all)]
+#[derive(Clone, Debug)]
+#[allow(non_snake_case)]
+pub struct Telemetry {
+    /// Monotonic µs at the start of the last post.
+    pub startTime: u64,
+    /// µs spent inside the post call (rounded up).
+    pub postDuration: u64,
+    /// µs from the post until the data had moved (rounded up).
+    pub xferDuration: u64,
+    /// Bytes per post.
+    pub totalBytes: u64,
+    /// Descriptors per post, as NIXL counts them.
+    pub descCount: u64,
+}
+
+#[pymethods]
+impl Telemetry {
+    fn __repr__(&self) -> String {
+        format!("{self:?}")
+    }
+}
+
+/// The low-level agent.
+#[pyclass(module = "rixl._bindings", name = "nixlAgent", frozen)]
+#[derive(Debug)]
+pub struct LowAgent {
+    agent: Arc<Agent>,
+    xfers: Mutex<Slab<XferRequest>>,
+    dlists: Mutex<Slab<PreparedList>>,
+}
+
+fn names(backends: Option<Vec<String>>) -> Vec<String> {
+    backends.unwrap_or_default()
+}
+
+fn refs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+fn op_from(obj: &Bound<'_, PyAny>) -> PyResult<XferOp> {
+    if let Ok(s) = obj.cast::<PyString>() {
+        return match &*s.to_cow()? {
+            "READ" => Ok(XferOp::Read),
+            "WRITE" => Ok(XferOp::Write),
+            other => Err(pyo3::exceptions::PyKeyError::new_err(other.to_owned())),
+        };
+    }
+    match obj.extract::<i64>() {
+        Ok(0) => Ok(XferOp::Read),
+        Ok(1) => Ok(XferOp::Write),
+        _ => Err(PyTypeError::new_err(
+            "operation must be \"READ\" or \"WRITE\"",
+        )),
+    }
+}
+
+fn indices(obj: &Bound<'_, PyAny>) -> PyResult<Vec<usize>> {
+    if let Some(v) = array::view(obj)? {
+        return v.indices();
+    }
+    let to = |o: Bound<'_, PyAny>| -> PyResult<usize> {
+        let v: i64 = o.extract()?;
+        Ok(usize::try_from(v).unwrap_or(usize::MAX))
+    };
+    if let Ok(l) = obj.cast::<PyList>() {
+        let mut out = Vec::with_capacity(l.len());
+        for o in l.iter() {
+            out.push(to(o)?);
+        }
+        return Ok(out);
+    }
+    let mut out = Vec::new();
+    for o in obj.try_iter()? {
+        out.push(to(o?)?);
+    }
+    Ok(out)
+}
+
+fn status_code(s: XferStatus) -> i32 {
+    match s {
+        XferStatus::Done => 0,
+        XferStatus::InProgress => 1,
+    }
+}
+
+fn socket_addr(ip: &str, port: u16) -> PyResult<SocketAddr> {
+    if ip.is_empty() {
+        return Err(err(
+            ErrorKind::InvalidParam,
+            "no ip_addr given and no etcd/TCPStore metadata service is supported by RIXL's Python layer",
+        ));
+    }
+    (ip, port)
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| {
+            err(
+                ErrorKind::InvalidParam,
+                format!("cannot resolve {ip}:{port}"),
+            )
+        })
+}
+
+fn params_dict<'py>(py: Python<'py>, p: &Params) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    for (k, v) in p {
+        d.set_item(k, v)?;
+    }
+    Ok(d)
+}
+
+impl LowAgent {
+    fn xfer(&self, h: u64) -> PyResult<Arc<XferRequest>> {
+        self.xfers.lock().get(h).ok_or_else(|| {
+            err(
+                ErrorKind::NotFound,
+                format!("transfer handle {h:#x} is released or unknown"),
+            )
+        })
+    }
+
+    fn dlist(&self, h: u64) -> PyResult<Arc<PreparedList>> {
+        self.dlists.lock().get(h).ok_or_else(|| {
+            err(
+                ErrorKind::NotFound,
+                format!("prepared list handle {h:#x} is released or unknown"),
+            )
+        })
+    }
+
+    fn opts(notif: Option<Vec<u8>>, backends: Vec<String>, skip: bool) -> XferOptions {
+        XferOptions {
+            notif,
+            backends,
+            skip_desc_merge: skip,
+            timeout: None,
+        }
+    }
+}
+
+#[pymethods]
+#[allow(non_snake_case)]
+impl LowAgent {
+    /// `nixlAgent(name, cfg)`. An empty name → `ValueError`; a listener that cannot bind →
+    /// `RuntimeError`.
+    #[new]
+    #[pyo3(signature = (name, cfg = None))]
+    fn new(py: Python<'_>, name: &str, cfg: Option<PyRef<'_, Config>>) -> PyResult<Self> {
+        if name.is_empty() {
+            return Err(PyValueError::new_err("the agent name must not be empty"));
+        }
+        let c = cfg.map(|c| c.clone()).unwrap_or(Config {
+            useProgThread: true,
+            useListenThread: false,
+            listenPort: 0,
+            syncMode: 0,
+            pthrDelay: 0,
+            lthrDelay: 100_000,
+            captureTelemetry: false,
+        });
+        let conf = AgentConfig {
+            capture_telemetry: c.captureTelemetry,
+            progress_thread: c.useProgThread,
+            listen: c.useListenThread,
+            listen_port: c.listenPort,
+            ..AgentConfig::default()
+        };
+        let name = name.to_owned();
+        let agent = py.detach(move || Agent::new(&name, conf)).map_err(|e| {
+            if c.useListenThread && e.kind() == ErrorKind::Backend {
+                PyRuntimeError::new_err(e.to_string())
+            } else {
+                to_py(e)
+            }
+        })?;
+        Ok(LowAgent {
+            agent: Arc::new(agent),
+            xfers: Mutex::new(Slab::default()),
+            dlists: Mutex::new(Slab::default()),
+        })
+    }
+
+    /// The agent's name.
+    fn getName(&self) -> String {
+        self.agent.name().to_owned()
+    }
+
+    /// Port the metadata listener is bound to, or None.
+    fn getListenPort(&self) -> Option<u16> {
+        self.agent.listen_addr().map(|a| a.port())
+    }
+
+    /// Whether per-request telemetry is on (after environment overrides).
+    fn telemetryEnabled(&self) -> bool {
+        self.agent.telemetry_enabled()
+    }
+
+    /// Names of the backends this build can create.
+    fn getAvailPlugins(&self) -> Vec<String> {
+        Agent::available_backends()
+            .into_iter()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// `(params, [mem type values])` of a plugin; unknown → `nixlNotFoundError`.
+    fn getPluginParams<'py>(
+        &self,
+        py: Python<'py>,
+        backend: &str,
+    ) -> PyResult<(Bound<'py, PyDict>, Vec<u8>)> {
+        let p = Agent::plugin_params(backend).py()?;
+        let m = Agent::plugin_mem_types(backend).py()?;
+        Ok((params_dict(py, &p)?, m.iter().map(|m| m.as_u8()).collect()))
+    }
+
+    /// `(effective params, [mem type values])` of a created backend.
+    fn getBackendParams<'py>(
+        &self,
+        py: Python<'py>,
+        backend: &str,
+    ) -> PyResult<(Bound<'py, PyDict>, Vec<u8>)> {
+        let p = self.agent.backend_params(backend).py()?;
+        let c = self.agent.backend_capabilities(backend).py()?;
+        Ok((
+            params_dict(py, &p)?,
+            c.mems.iter().map(|m| m.as_u8()).collect(),
+        ))
+    }
+
+    /// `(remote, local, notif)` capabilities of a created backend.
+    fn getBackendCaps(&self, backend: &str) -> PyResult<(bool, bool, bool)> {
+        let c = self.agent.backend_capabilities(backend).py()?;
+        Ok((c.remote, c.local, c.notif))
+    }
+
+    /// Names of the created backends, in preference order.
+    fn getBackends(&self) -> Vec<String> {
+        self.agent.backends()
+    }
+
+    /// Creates a backend; returns its handle (its index in creation order).
+    #[pyo3(signature = (backend, params = None))]
+    fn createBackend(
+        &self,
+        py: Python<'_>,
+        backend: &str,
+        params: Option<std::collections::BTreeMap<String, String>>,
+    ) -> PyResult<usize> {
+        let p: Params = params.unwrap_or_default();
+        let a = &self.agent;
+        py.detach(|| a.create_backend(backend, &p)).py()
+    }
+
+    /// Registers a `nixlRegDList` with the named backends (or every capable one).
+    #[pyo3(signature = (descs, backends = None))]
+    fn registerMem(
+        &self,
+        py: Python<'_>,
+        descs: PyRef<'_, RegDList>,
+        backends: Option<Vec<String>>,
+    ) -> PyResult<()> {
+        let b = names(backends);
+        let list = &descs.list;
+        let a = &self.agent;
+        // SAFETY: the Python API has NIXL's contract: the caller registers memory of this
+        // process that stays allocated and is not used concurrently with transfers until it is
+        // deregistered or the agent is gone. Python cannot express this in types.
+        py.detach(|| unsafe { a.register_mem(list, &refs(&b)) })
+            .py()
+    }
+
+    /// Deregisters registrations that match exactly.
+    #[pyo3(signature = (descs, backends = None))]
+    fn deregisterMem(
+        &self,
+        py: Python<'_>,
+        descs: PyRef<'_, RegDList>,
+        backends: Option<Vec<String>>,
+    ) -> PyResult<()> {
+        let b = names(backends);
+        let list = &descs.list;
+        let a = &self.agent;
+        py.detach(|| a.deregister_mem(list, &refs(&b))).py()
+    }
+
+    /// `query_mem` of one backend: a list of dicts or None.
+    fn queryMem<'py>(
+        &self,
+        py: Python<'py>,
+        descs: PyRef<'_, RegDList>,
+        backend: &str,
+    ) -> PyResult<Vec<Option<Bound<'py, PyDict>>>> {
+        let list = &descs.list;
+        let a = &self.agent;
+        let res = py.detach(|| a.query_mem(list, backend)).py()?;
+        res.iter()
+            .map(|r| r.as_ref().map(|p| params_dict(py, p)).transpose())
+            .collect()
+    }
+
+    /// Prepares a transfer list; returns a prepared-list handle id.
+    #[pyo3(signature = (agent, descs, backends = None))]
+    fn prepXferDlist(
+        &self,
+        py: Python<'_>,
+        agent: &str,
+        descs: PyRef<'_, XferDList>,
+        backends: Option<Vec<String>>,
+    ) -> PyResult<u64> {
+        let b = names(backends);
+        let list = &descs.list;
+        let a = &self.agent;
+        let p = py
+            .detach(|| a.prep_xfer_dlist(agent, list, &refs(&b)))
+            .py()?;
+        Ok(self.dlists.lock().insert(p))
+    }
+
+    /// Makes a request from two prepared lists and index arrays; returns a request handle id.
+    #[pyo3(signature = (op, local, local_indices, remote, remote_indices, notif = None,
+        backends = None, skip_desc_merge = false))]
+    #[allow(clippy::too_many_arguments)]
+    fn makeXferReq(
+        &self,
+        py: Python<'_>,
+        op: &Bound<'_, PyAny>,
+        local: u64,
+        local_indices: &Bound<'_, PyAny>,
+        remote: u64,
+        remote_indices: &Bound<'_, PyAny>,
+        notif: Option<Vec<u8>>,
+        backends: Option<Vec<String>>,
+        skip_desc_merge: bool,
+    ) -> PyResult<u64> {
+        let op = op_from(op)?;
+        let li = indices(local_indices)?;
+        let ri = indices(remote_indices)?;
+        let (l, r) = (self.dlist(local)?, self.dlist(remote)?);
+        let opts = Self::opts(notif, names(backends), skip_desc_merge);
+        let a = &self.agent;
+        let req = py
+            .detach(|| a.make_xfer_req(op, &l, &li, &r, &ri, &opts))
+            .py()?;
+        Ok(self.xfers.lock().insert(req))
+    }
+
+    /// Creates a request from two transfer lists; returns a request handle id.
+    #[pyo3(signature = (op, local, remote, remote_agent, notif = None, backends = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn createXferReq(
+        &self,
+        py: Python<'_>,
+        op: &Bound<'_, PyAny>,
+        local: PyRef<'_, XferDList>,
+        remote: PyRef<'_, XferDList>,
+        remote_agent: &str,
+        notif: Option<Vec<u8>>,
+        backends: Option<Vec<String>>,
+    ) -> PyResult<u64> {
+        let op = op_from(op)?;
+        let opts = Self::opts(notif, names(backends), false);
+        let (l, r) = (&local.list, &remote.list);
+        let a = &self.agent;
+        let req = py
+            .detach(|| a.create_xfer_req(op, l, r, remote_agent, &opts))
+            .py()?;
+        Ok(self.xfers.lock().insert(req))
+    }
+
+    /// Posts a request. `notif` (if given, even empty) replaces the request's notification for
+    /// this post and later ones. Returns 0 (done) or 1 (in progress).
+    #[pyo3(signature = (handle, notif = None))]
+    fn postXferReq(&self, py: Python<'_>, handle: u64, notif: Option<Vec<u8>>) -> PyResult<i32> {
+        let req = self.xfer(handle)?;
+        let s = py
+            .detach(|| match &notif {
+                Some(n) => req.post_with_notif(n),
+                None => req.post(),
+            })
+            .py()?;
+        Ok(status_code(s))
+    }
+
+    /// Replaces (or clears, with None) the notification of later posts.
+    #[pyo3(signature = (handle, notif = None))]
+    fn setXferNotif(&self, handle: u64, notif: Option<Vec<u8>>) -> PyResult<()> {
+        self.xfer(handle)?.set_notif(notif);
+        Ok(())
+    }
+
+    /// Status of the last post: 0 (done) or 1 (in progress); errors raise.
+    fn getXferStatus(&self, handle: u64) -> PyResult<i32> {
+        let req = self.xfer(handle)?;
+        req.status().py().map(status_code)
+    }
+
+    /// Blocks (GIL released) until the current post completes or `timeout` seconds pass.
+    #[pyo3(signature = (handle, timeout = None))]
+    fn waitXferReq(&self, py: Python<'_>, handle: u64, timeout: Option<f64>) -> PyResult<i32> {
+        let req = self.xfer(handle)?;
+        let t = timeout.map(|s| std::time::Duration::from_secs_f64(s.max(0.0)));
+        py.detach(|| req.wait(t)).py().map(status_code)
+    }
+
+    /// Telemetry of the last post.
+    fn getXferTelemetry(&self, handle: u64) -> PyResult<Telemetry> {
+        let t = self.xfer(handle)?.telemetry().py()?;
+        Ok(Telemetry {
+            startTime: t.start_time_us,
+            postDuration: t.post_duration_us,
+            xferDuration: t.xfer_duration_us,
+            totalBytes: t.total_bytes,
+            descCount: t.desc_count,
+        })
+    }
+
+    /// Name of the backend the request uses.
+    fn queryXferBackend(&self, handle: u64) -> PyResult<String> {
+        Ok(self.xfer(handle)?.backend_name().to_owned())
+    }
+
+    /// `(duration µs, margin µs, method)`; method `'ANALYTICAL_BACKEND'` or `'UNKNOWN'`.
+    fn estimateXferCost(&self, handle: u64) -> PyResult<(u64, u64, &'static str)> {
+        let c = self.xfer(handle)?.estimate_cost().py()?;
+        let m = match c.method {
+            CostMethod::AnalyticalBackend => "ANALYTICAL_BACKEND",
+            _ => "UNKNOWN",
+        };
+        Ok((c.duration_us, c.margin_us, m))
+    }
+
+    /// Releases a request, cancelling a post in flight. If the cancel fails the handle stays
+    /// valid (`nixlRepostActiveError`) so that the release can be retried.
+    fn releaseXferReq(&self, py: Python<'_>, handle: u64) -> PyResult<()> {
+        let req = self.xfer(handle)?;
+        if let Err(e) = py.detach(|| req.cancel()) {
+            return Err(err(
+                ErrorKind::RepostActive,
+                format!("the request could not be aborted: {e}"),
+            ));
+        }
+        let removed = self.xfers.lock().remove(handle);
+        drop(req);
+        py.detach(move || drop(removed));
+        Ok(())
+    }
+
+    /// Releases a prepared list.
+    fn releasedDlistH(&self, handle: u64) -> PyResult<()> {
+        self.dlists.lock().remove(handle).map(drop).ok_or_else(|| {
+            err(
+                ErrorKind::NotFound,
+                format!("prepared list handle {handle:#x} is released or unknown"),
+            )
+        })
+    }
+
+    /// Whether a request handle is live.
+    fn isXferHandleValid(&self, handle: u64) -> bool {
+        self.xfers.lock().get(handle).is_some()
+    }
+
+    /// Connects the common backends to `agent` ahead of the first transfer.
+    #[pyo3(signature = (agent, backends = None))]
+    fn makeConnection(
+        &self,
+        py: Python<'_>,
+        agent: &str,
+        backends: Option<Vec<String>>,
+    ) -> PyResult<()> {
+        let b = names(backends);
+        let a = &self.agent;
+        py.detach(|| a.make_connection(agent, &refs(&b))).py()
+    }
+
+    /// Drains new notifications into `notifs` (a dict name → list of bytes, created if None)
+    /// and returns it.
+    #[pyo3(signature = (notifs = None, backends = None))]
+    fn getNotifs<'py>(
+        &self,
+        py: Python<'py>,
+        notifs: Option<Bound<'py, PyDict>>,
+        backends: Option<Vec<String>>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let b = names(backends);
+        let a = &self.agent;
+        let got = py.detach(|| a.get_notifs(&refs(&b))).py()?;
+        let map = notifs.unwrap_or_else(|| PyDict::new(py));
+        for n in got {
+            let msg = PyBytes::new(py, &n.msg);
+            match map.get_item(&n.from)? {
+                Some(l) => l.cast::<PyList>()?.append(msg)?,
+                None => map.set_item(&n.from, PyList::new(py, [msg])?)?,
+            }
+        }
+        Ok(map)
+    }
+
+    /// Sends a standalone notification.
+    #[pyo3(signature = (agent, msg, backend = None))]
+    fn genNotif(
+        &self,
+        py: Python<'_>,
+        agent: &str,
+        msg: Vec<u8>,
+        backend: Option<String>,
+    ) -> PyResult<()> {
+        let a = &self.agent;
+        py.detach(|| a.send_notif(agent, &msg, backend.as_deref()))
+            .py()
+    }
+
+    /// The full metadata blob.
+    fn getLocalMD<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        let a = &self.agent;
+        let b = py.detach(|| a.local_metadata()).py()?;
+        Ok(PyBytes::new(py, &b))
+    }
+
+    /// A partial metadata blob.
+    #[pyo3(signature = (descs, inc_conn_info = false, backends = None))]
+    fn getLocalPartialMD<'py>(
+        &self,
+        py: Python<'py>,
+        descs: PyRef<'_, RegDList>,
+        inc_conn_info: bool,
+        backends: Option<Vec<String>>,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let b = names(backends);
+        let list = &descs.list;
+        let a = &self.agent;
+        let blob = py
+            .detach(|| a.local_partial_metadata(list, inc_conn_info, &refs(&b)))
+            .py()?;
+        Ok(PyBytes::new(py, &blob))
+    }
+
+    /// Loads a peer's blob; returns its name as bytes.
+    fn loadRemoteMD<'py>(&self, py: Python<'py>, blob: &[u8]) -> PyResult<Bound<'py, PyBytes>> {
+        let a = &self.agent;
+        let n = py.detach(|| a.load_remote_metadata(blob)).py()?;
+        Ok(PyBytes::new(py, n.as_bytes()))
+    }
+
+    /// Drops a peer's metadata (never raises).
+    fn invalidateRemoteMD(&self, py: Python<'_>, agent: &str) {
+        let a = &self.agent;
+        py.detach(|| a.invalidate_remote_metadata(agent));
+    }
+
+    /// Whether `agent`'s metadata is loaded (and covers `descs`, if given).
+    #[pyo3(signature = (agent, descs = None))]
+    fn checkRemoteMD(
+        &self,
+        py: Python<'_>,
+        agent: &str,
+        descs: Option<PyRef<'_, XferDList>>,
+    ) -> bool {
+        let list = descs.as_ref().map(|d| &d.list);
+        let a = &self.agent;
+        py.detach(|| a.check_remote_metadata(agent, list))
+    }
+
+    /// The generation of `agent`'s loaded metadata, or None.
+    fn getRemoteGeneration(&self, agent: &str) -> Option<u64> {
+        self.agent.remote_generation(agent)
+    }
+
+    /// Pushes the full blob to the listener at `ip:port` (asynchronous).
+    #[pyo3(signature = (ip_addr = "", port = 8888))]
+    fn sendLocalMD(&self, py: Python<'_>, ip_addr: &str, port: u16) -> PyResult<()> {
+        let addr = socket_addr(ip_addr, port)?;
+        let a = &self.agent;
+        py.detach(|| a.send_local_metadata(addr)).py()
+    }
+
+    /// Pushes a partial blob to the listener at `ip:port` (asynchronous).
+    #[pyo3(signature = (descs, inc_conn_info = false, backends = None, ip_addr = "", port = 8888, label = ""))]
+    #[allow(clippy::too_many_arguments)]
+    fn sendLocalPartialMD(
+        &self,
+        py: Python<'_>,
+        descs: PyRef<'_, RegDList>,
+        inc_conn_info: bool,
+        backends: Option<Vec<String>>,
+        ip_addr: &str,
+        port: u16,
+        label: &str,
+    ) -> PyResult<()> {
+        let _ = label;
+        let addr = socket_addr(ip_addr, port)?;
+        let b = names(backends);
+        let list = &descs.list;
+        let a = &self.agent;
+        py.detach(|| a.send_partial_metadata(list, inc_conn_info, &refs(&b), addr))
+            .py()
+    }
+
+    /// Asks the listener at `ip:port` for `agent`'s metadata (asynchronous; poll
+    /// `checkRemoteMD`).
+    #[pyo3(signature = (agent, ip_addr = "", port = 8888, label = ""))]
+    fn fetchRemoteMD(
+        &self,
+        py: Python<'_>,
+        agent: &str,
+        ip_addr: &str,
+        port: u16,
+        label: &str,
+    ) -> PyResult<()> {
+        let _ = label;
+        let addr = socket_addr(ip_addr, port)?;
+        let a = &self.agent;
+        py.detach(|| a.fetch_remote_metadata(agent, addr));
+        Ok(())
+    }
+
+    /// Tells the listener at `ip:port` to drop this agent (asynchronous).
+    #[pyo3(signature = (ip_addr = "", port = 8888))]
+    fn invalidateLocalMD(&self, py: Python<'_>, ip_addr: &str, port: u16) -> PyResult<()> {
+        let addr = socket_addr(ip_addr, port)?;
+        let a = &self.agent;
+        py.detach(|| a.invalidate_local_metadata(addr));
+        Ok(())
+    }
+
+    /// Benchmark helper: posts `handle` `iters` times entirely in Rust (post, then poll the
+    /// status until done), with the GIL released; returns the mean nanoseconds per iteration.
+    /// It measures the Rust API's own cost for the same request, to compare with Python.
+    fn _benchPostLoop(&self, py: Python<'_>, handle: u64, iters: u64) -> PyResult<f64> {
+        let req = self.xfer(handle)?;
+        py.detach(|| {
+            let t0 = std::time::Instant::now();
+            for _ in 0..iters {
+                if req.post()? == XferStatus::InProgress {
+                    while req.status()? == XferStatus::InProgress {}
+                }
+            }
+            Ok(t0.elapsed().as_nanos() as f64 / iters.max(1) as f64)
+        })
+        .py()
+    }
+
+    /// Releases every request and prepared list (used at agent teardown).
+    fn releaseAll(&self, py: Python<'_>) {
+        let x = self.xfers.lock().drain();
+        let d = self.dlists.lock().drain();
+        py.detach(move || {
+            drop(x);
+            drop(d);
+        });
+    }
+}
+
+impl Drop for LowAgent {
+    fn drop(&mut self) {
+        // Requests hold Arcs into the agent; drop them first so teardown is orderly.
+        drop(self.xfers.get_mut().drain());
+        drop(self.dlists.get_mut().drain());
+    }
+}
