@@ -94,7 +94,9 @@ impl NotifQueue {
             if start.elapsed() >= spin {
                 break;
             }
-            std::hint::spin_loop();
+            // Yield rather than spin: on a small machine the thread that will deliver the
+            // notification (a backend's reader) needs this core.
+            std::thread::yield_now();
         }
         let deadline = start.checked_add(timeout);
         let mut q = self.queue.lock();

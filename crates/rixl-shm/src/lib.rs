@@ -52,7 +52,7 @@ pub const FACTORY: BackendFactory = BackendFactory {
     name: NAME,
     mems: &[MemType::Dram],
     default_params: &[
-        ("inline_max_bytes", "1048576"),
+        ("inline_max_bytes", "262144"),
         ("workers", "0"),
         ("socket_dir", ""),
     ],
@@ -60,7 +60,7 @@ pub const FACTORY: BackendFactory = BackendFactory {
 };
 
 /// Pieces a large post is cut into are at least this big.
-const MIN_PART: u64 = 4 << 20;
+const MIN_PART: u64 = 256 << 10;
 /// Segments are cut so that one system call moves at most this much (cancellation latency).
 const MAX_CHUNK: u64 = 8 << 20;
 
@@ -76,7 +76,7 @@ fn create(ctx: BackendContext) -> Result<Arc<dyn Backend>> {
             return Err(Error::invalid_param(format!("SHM has no parameter {k:?}")));
         }
     }
-    let inline_max: u64 = ctx.param("inline_max_bytes")?.unwrap_or(1 << 20);
+    let inline_max: u64 = ctx.param("inline_max_bytes")?.unwrap_or(256 << 10);
     let mut workers: usize = ctx.param("workers")?.unwrap_or(0);
     if workers == 0 {
         workers = std::thread::available_parallelism()
