@@ -295,6 +295,11 @@ pub trait Backend: Send + Sync + fmt::Debug {
         ))
     }
 
+    /// Delivers notifications that have already arrived, without blocking. Threads waiting for
+    /// a notification call this while they spin, so that delivery does not have to wait for a
+    /// backend thread to be scheduled. Default: nothing (the backend delivers on its own).
+    fn poll_notifs(&self) {}
+
     /// Reports on registrations that may not exist yet (files, objects): one entry per
     /// descriptor, `None` where the target does not exist.
     fn query_mem(&self, _mem: MemType, _descs: &[RegDesc]) -> Result<Vec<Option<Params>>> {

@@ -82,10 +82,22 @@ impl NotifQueue {
 
     /// Blocks until a notification accepted by `filter` is queued or `timeout` passes; returns
     /// whether one is there. Does not remove anything.
-    pub fn wait(&self, timeout: Duration, mut filter: impl FnMut(usize) -> bool) -> bool {
+    pub fn wait(&self, timeout: Duration, filter: impl FnMut(usize) -> bool) -> bool {
+        self.wait_with(timeout, filter, || {})
+    }
+
+    /// Like [`NotifQueue::wait`], calling `progress` while spinning (to let backends deliver
+    /// what has arrived without waiting for their own threads).
+    pub fn wait_with(
+        &self,
+        timeout: Duration,
+        mut filter: impl FnMut(usize) -> bool,
+        mut progress: impl FnMut(),
+    ) -> bool {
         let start = Instant::now();
         let spin = SPIN.min(timeout);
         loop {
+            progress();
             if self.queued.load(Ordering::Acquire) > 0
                 && self.queue.lock().iter().any(|n| filter(n.backend))
             {

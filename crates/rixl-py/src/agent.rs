@@ -42,7 +42,7 @@ pub struct Config {
 #[pymethods]
 impl Config {
     #[new]
-    #[pyo3(signature = (use_prog_thread = true, use_listen_thread = false, port = 0,
+    #[pyo3(signature = (use_prog_thread = false, use_listen_thread = false, port = rixl::DEFAULT_PORT,
         sync_mode = 0, num_workers = 1, pthr_delay_us = 0, lthr_delay_us = 100000,
         capture_telemetry = false))]
     #[allow(clippy::too_many_arguments)]
@@ -106,8 +106,52 @@ pub struct LowAgent {
     dlists: Mutex<Slab<PreparedList>>,
 }
 
-fn names(backends: Option<Vec<String>>) -> Vec<String> {
-    backends.unwrap_or_default()
+/// Notification bytes from `str` (UTF-8), `bytes`, `bytearray` or a sequence of ints.
+fn msg_of(obj: &Bound<'_, PyAny>) -> PyResult<Vec<u8>> {
+    if let Ok(s) = obj.cast::<PyString>() {
+        return Ok(s.to_cow()?.as_bytes().to_vec());
+    }
+    if let Ok(b) = obj.cast::<PyBytes>() {
+        return Ok(b.as_bytes().to_vec());
+    }
+    obj.extract::<Vec<u8>>()
+        .map_err(|_| PyTypeError::new_err("a notification must be bytes or str"))
+}
+
+/// NIXL's `notif_msg` argument: `None` or empty means "no notification" (or "keep the current
+/// one" when posting). RIXL's keyword-only `notif` overrides it and is taken as given, empty
+/// included.
+fn notif_arg(
+    notif_msg: Option<&Bound<'_, PyAny>>,
+    notif: Option<&Bound<'_, PyAny>>,
+) -> PyResult<Option<Vec<u8>>> {
+    if let Some(n) = notif {
+        return msg_of(n).map(Some);
+    }
+    match notif_msg {
+        None => Ok(None),
+        Some(m) if m.is_none() => Ok(None),
+        Some(m) => msg_of(m).map(|v| if v.is_empty() { None } else { Some(v) }),
+    }
+}
+
+/// NIXL's success status as returned by the low-level calls (`NIXL_SUCCESS`).
+const SUCCESS: i32 = 0;
+/// `NIXL_ERR_NOT_FOUND`, returned (not raised) where NIXL returns it.
+const NOT_FOUND: i32 = -4;
+
+/// The `nixl_mem_t` member names (`"DRAM_SEG"`, ...) of `mems`, as NIXL's low-level calls give
+/// them.
+fn mem_names(mems: &[rixl::MemType]) -> Vec<&'static str> {
+    const NAMES: [&str; 5] = ["DRAM_SEG", "VRAM_SEG", "BLK_SEG", "OBJ_SEG", "FILE_SEG"];
+    mems.iter()
+        .map(|m| {
+            NAMES
+                .get(usize::from(m.as_u8()))
+                .copied()
+                .unwrap_or("UNKNOWN_SEG")
+        })
+        .collect()
 }
 
 fn refs(v: &[String]) -> Vec<&str> {
@@ -188,6 +232,39 @@ fn params_dict<'py>(py: Python<'py>, p: &Params) -> PyResult<Bound<'py, PyDict>>
 }
 
 impl LowAgent {
+    /// A backend name from a name or from a handle (the int `createBackend` returned, as NIXL's
+    /// low-level calls take them). An unknown handle → `nixlNotFoundError`.
+    fn backend_of(&self, obj: &Bound<'_, PyAny>) -> PyResult<String> {
+        if let Ok(s) = obj.cast::<PyString>() {
+            return Ok(s.to_cow()?.into_owned());
+        }
+        let h: i64 = obj.extract().map_err(|_| {
+            PyTypeError::new_err("a backend must be a name (str) or a handle from createBackend")
+        })?;
+        usize::try_from(h)
+            .ok()
+            .and_then(|i| self.agent.backends().into_iter().nth(i))
+            .ok_or_else(|| err(ErrorKind::NotFound, format!("unknown backend handle {h}")))
+    }
+
+    /// Backend names from `None`, one name or handle, or a sequence of names and/or handles.
+    fn backends_of(&self, obj: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<String>> {
+        let Some(obj) = obj else {
+            return Ok(Vec::new());
+        };
+        if obj.is_none() {
+            return Ok(Vec::new());
+        }
+        if obj.is_instance_of::<PyString>() || obj.extract::<i64>().is_ok() {
+            return Ok(vec![self.backend_of(obj)?]);
+        }
+        let mut out = Vec::new();
+        for o in obj.try_iter()? {
+            out.push(self.backend_of(&o?)?);
+        }
+        Ok(out)
+    }
+
     fn xfer(&self, h: u64) -> PyResult<Arc<XferRequest>> {
         self.xfers.lock().get(h).ok_or_else(|| {
             err(
@@ -281,34 +358,34 @@ impl LowAgent {
             .collect()
     }
 
-    /// `(params, [mem type values])` of a plugin; unknown → `nixlNotFoundError`.
+    /// `(params, [mem type names])` of a plugin (names such as `"DRAM_SEG"`, as NIXL gives
+    /// them); unknown → `nixlNotFoundError`.
     fn getPluginParams<'py>(
         &self,
         py: Python<'py>,
         backend: &str,
-    ) -> PyResult<(Bound<'py, PyDict>, Vec<u8>)> {
+    ) -> PyResult<(Bound<'py, PyDict>, Vec<&'static str>)> {
         let p = Agent::plugin_params(backend).py()?;
         let m = Agent::plugin_mem_types(backend).py()?;
-        Ok((params_dict(py, &p)?, m.iter().map(|m| m.as_u8()).collect()))
+        Ok((params_dict(py, &p)?, mem_names(&m)))
     }
 
-    /// `(effective params, [mem type values])` of a created backend.
+    /// `(effective params, [mem type names])` of a created backend, given by name or handle.
     fn getBackendParams<'py>(
         &self,
         py: Python<'py>,
-        backend: &str,
-    ) -> PyResult<(Bound<'py, PyDict>, Vec<u8>)> {
-        let p = self.agent.backend_params(backend).py()?;
-        let c = self.agent.backend_capabilities(backend).py()?;
-        Ok((
-            params_dict(py, &p)?,
-            c.mems.iter().map(|m| m.as_u8()).collect(),
-        ))
+        backend: &Bound<'py, PyAny>,
+    ) -> PyResult<(Bound<'py, PyDict>, Vec<&'static str>)> {
+        let backend = self.backend_of(backend)?;
+        let p = self.agent.backend_params(&backend).py()?;
+        let c = self.agent.backend_capabilities(&backend).py()?;
+        Ok((params_dict(py, &p)?, mem_names(&c.mems)))
     }
 
-    /// `(remote, local, notif)` capabilities of a created backend.
-    fn getBackendCaps(&self, backend: &str) -> PyResult<(bool, bool, bool)> {
-        let c = self.agent.backend_capabilities(backend).py()?;
+    /// `(remote, local, notif)` capabilities of a created backend, given by name or handle.
+    fn getBackendCaps(&self, backend: &Bound<'_, PyAny>) -> PyResult<(bool, bool, bool)> {
+        let backend = self.backend_of(backend)?;
+        let c = self.agent.backend_capabilities(&backend).py()?;
         Ok((c.remote, c.local, c.notif))
     }
 
@@ -330,63 +407,85 @@ impl LowAgent {
         py.detach(|| a.create_backend(backend, &p)).py()
     }
 
-    /// Registers a `nixlRegDList` with the named backends (or every capable one).
+    /// Registers a `nixlRegDList` with the given backends (names or handles; none: every
+    /// capable one). Returns `NIXL_SUCCESS`; errors raise.
     #[pyo3(signature = (descs, backends = None))]
     fn registerMem(
         &self,
         py: Python<'_>,
         descs: PyRef<'_, RegDList>,
-        backends: Option<Vec<String>>,
-    ) -> PyResult<()> {
-        let b = names(backends);
+        backends: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<i32> {
+        let b = self.backends_of(backends)?;
         let list = &descs.list;
         let a = &self.agent;
         // SAFETY: the Python API has NIXL's contract: the caller registers memory of this
         // process that stays allocated and is not used concurrently with transfers until it is
         // deregistered or the agent is gone. Python cannot express this in types.
         py.detach(|| unsafe { a.register_mem(list, &refs(&b)) })
-            .py()
+            .py()?;
+        Ok(SUCCESS)
     }
 
-    /// Deregisters registrations that match exactly.
+    /// Deregisters registrations that match exactly. Returns `NIXL_SUCCESS`; errors raise.
     #[pyo3(signature = (descs, backends = None))]
     fn deregisterMem(
         &self,
         py: Python<'_>,
         descs: PyRef<'_, RegDList>,
-        backends: Option<Vec<String>>,
-    ) -> PyResult<()> {
-        let b = names(backends);
+        backends: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<i32> {
+        let b = self.backends_of(backends)?;
         let list = &descs.list;
         let a = &self.agent;
-        py.detach(|| a.deregister_mem(list, &refs(&b))).py()
+        py.detach(|| a.deregister_mem(list, &refs(&b))).py()?;
+        Ok(SUCCESS)
     }
 
-    /// `query_mem` of one backend: a list of dicts or None.
+    /// `query_mem` of one backend (name or handle): a list of dicts or None.
     fn queryMem<'py>(
         &self,
         py: Python<'py>,
         descs: PyRef<'_, RegDList>,
-        backend: &str,
+        backend: &Bound<'py, PyAny>,
     ) -> PyResult<Vec<Option<Bound<'py, PyDict>>>> {
+        let backend = self.backend_of(backend)?;
         let list = &descs.list;
         let a = &self.agent;
-        let res = py.detach(|| a.query_mem(list, backend)).py()?;
+        let res = py.detach(|| a.query_mem(list, &backend)).py()?;
         res.iter()
             .map(|r| r.as_ref().map(|p| params_dict(py, p)).transpose())
             .collect()
     }
 
-    /// Prepares a transfer list; returns a prepared-list handle id.
-    #[pyo3(signature = (agent, descs, backends = None))]
+    /// Prepares a transfer list; returns a prepared-list handle id. Forms (NIXL's):
+    /// `(agent_name, descs, backends=[])`, and `(descs, backends=[])` for the local side.
+    #[pyo3(signature = (agent, descs = None, backends = None))]
     fn prepXferDlist(
         &self,
         py: Python<'_>,
-        agent: &str,
-        descs: PyRef<'_, XferDList>,
-        backends: Option<Vec<String>>,
+        agent: &Bound<'_, PyAny>,
+        descs: Option<&Bound<'_, PyAny>>,
+        backends: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<u64> {
-        let b = names(backends);
+        let (agent, descs, backends) = if let Ok(d) = agent.cast::<XferDList>() {
+            if backends.is_some() {
+                return Err(PyTypeError::new_err(
+                    "prepXferDlist(descs, backends) takes no third argument",
+                ));
+            }
+            (String::new(), d.clone(), descs)
+        } else {
+            let name: String = agent.extract()?;
+            let d = descs
+                .ok_or_else(|| PyTypeError::new_err("prepXferDlist needs a nixlXferDList"))?
+                .cast::<XferDList>()?
+                .clone();
+            (name, d, backends)
+        };
+        let b = self.backends_of(backends)?;
+        let descs = descs.borrow();
+        let agent = agent.as_str();
         let list = &descs.list;
         let a = &self.agent;
         let p = py
@@ -396,8 +495,10 @@ impl LowAgent {
     }
 
     /// Makes a request from two prepared lists and index arrays; returns a request handle id.
-    #[pyo3(signature = (op, local, local_indices, remote, remote_indices, notif = None,
-        backends = None, skip_desc_merge = false))]
+    /// `notif_msg` (bytes or str) empty means no notification; RIXL's keyword-only `notif`
+    /// attaches exactly what it is given (an empty notification included).
+    #[pyo3(signature = (op, local, local_indices, remote, remote_indices, notif_msg = None,
+        backends = None, skip_desc_merge = false, *, notif = None))]
     #[allow(clippy::too_many_arguments)]
     fn makeXferReq(
         &self,
@@ -407,15 +508,17 @@ impl LowAgent {
         local_indices: &Bound<'_, PyAny>,
         remote: u64,
         remote_indices: &Bound<'_, PyAny>,
-        notif: Option<Vec<u8>>,
-        backends: Option<Vec<String>>,
+        notif_msg: Option<&Bound<'_, PyAny>>,
+        backends: Option<&Bound<'_, PyAny>>,
         skip_desc_merge: bool,
+        notif: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<u64> {
         let op = op_from(op)?;
         let li = indices(local_indices)?;
         let ri = indices(remote_indices)?;
         let (l, r) = (self.dlist(local)?, self.dlist(remote)?);
-        let opts = Self::opts(notif, names(backends), skip_desc_merge);
+        let msg = notif_arg(notif_msg, notif)?;
+        let opts = Self::opts(msg, self.backends_of(backends)?, skip_desc_merge);
         let a = &self.agent;
         let req = py
             .detach(|| a.make_xfer_req(op, &l, &li, &r, &ri, &opts))
@@ -423,8 +526,10 @@ impl LowAgent {
         Ok(self.xfers.lock().insert(req))
     }
 
-    /// Creates a request from two transfer lists; returns a request handle id.
-    #[pyo3(signature = (op, local, remote, remote_agent, notif = None, backends = None))]
+    /// Creates a request from two transfer lists; returns a request handle id. `notif_msg`
+    /// and `notif` as in `makeXferReq`.
+    #[pyo3(signature = (op, local, remote, remote_agent, notif_msg = None, backends = None, *,
+        notif = None))]
     #[allow(clippy::too_many_arguments)]
     fn createXferReq(
         &self,
@@ -433,11 +538,13 @@ impl LowAgent {
         local: PyRef<'_, XferDList>,
         remote: PyRef<'_, XferDList>,
         remote_agent: &str,
-        notif: Option<Vec<u8>>,
-        backends: Option<Vec<String>>,
+        notif_msg: Option<&Bound<'_, PyAny>>,
+        backends: Option<&Bound<'_, PyAny>>,
+        notif: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<u64> {
         let op = op_from(op)?;
-        let opts = Self::opts(notif, names(backends), false);
+        let msg = notif_arg(notif_msg, notif)?;
+        let opts = Self::opts(msg, self.backends_of(backends)?, false);
         let (l, r) = (&local.list, &remote.list);
         let a = &self.agent;
         let req = py
@@ -446,10 +553,19 @@ impl LowAgent {
         Ok(self.xfers.lock().insert(req))
     }
 
-    /// Posts a request. `notif` (if given, even empty) replaces the request's notification for
-    /// this post and later ones. Returns 0 (done) or 1 (in progress).
-    #[pyo3(signature = (handle, notif = None))]
-    fn postXferReq(&self, py: Python<'_>, handle: u64, notif: Option<Vec<u8>>) -> PyResult<i32> {
+    /// Posts a request; returns 0 (done) or 1 (in progress). A non-empty `notif_msg` (bytes or
+    /// str) replaces the request's notification for this post and later ones; empty keeps it
+    /// (NIXL). RIXL's keyword-only `notif` replaces it with exactly what is given, empty
+    /// included.
+    #[pyo3(signature = (handle, notif_msg = None, *, notif = None))]
+    fn postXferReq(
+        &self,
+        py: Python<'_>,
+        handle: u64,
+        notif_msg: Option<&Bound<'_, PyAny>>,
+        notif: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<i32> {
+        let notif = notif_arg(notif_msg, notif)?;
         let req = self.xfer(handle)?;
         let s = py
             .detach(|| match &notif {
@@ -462,7 +578,8 @@ impl LowAgent {
 
     /// Replaces (or clears, with None) the notification of later posts.
     #[pyo3(signature = (handle, notif = None))]
-    fn setXferNotif(&self, handle: u64, notif: Option<Vec<u8>>) -> PyResult<()> {
+    fn setXferNotif(&self, handle: u64, notif: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+        let notif = notif.filter(|n| !n.is_none()).map(msg_of).transpose()?;
         self.xfer(handle)?.set_notif(notif);
         Ok(())
     }
@@ -510,7 +627,7 @@ impl LowAgent {
 
     /// Releases a request, cancelling a post in flight. If the cancel fails the handle stays
     /// valid (`nixlRepostActiveError`) so that the release can be retried.
-    fn releaseXferReq(&self, py: Python<'_>, handle: u64) -> PyResult<()> {
+    fn releaseXferReq(&self, py: Python<'_>, handle: u64) -> PyResult<i32> {
         let req = self.xfer(handle)?;
         if let Err(e) = py.detach(|| req.cancel()) {
             return Err(err(
@@ -521,17 +638,21 @@ impl LowAgent {
         let removed = self.xfers.lock().remove(handle);
         drop(req);
         py.detach(move || drop(removed));
-        Ok(())
+        Ok(SUCCESS)
     }
 
-    /// Releases a prepared list.
-    fn releasedDlistH(&self, handle: u64) -> PyResult<()> {
-        self.dlists.lock().remove(handle).map(drop).ok_or_else(|| {
-            err(
-                ErrorKind::NotFound,
-                format!("prepared list handle {handle:#x} is released or unknown"),
-            )
-        })
+    /// Releases a prepared list; returns `NIXL_SUCCESS`.
+    fn releasedDlistH(&self, handle: u64) -> PyResult<i32> {
+        self.dlists
+            .lock()
+            .remove(handle)
+            .map(|_| SUCCESS)
+            .ok_or_else(|| {
+                err(
+                    ErrorKind::NotFound,
+                    format!("prepared list handle {handle:#x} is released or unknown"),
+                )
+            })
     }
 
     /// Whether a request handle is live.
@@ -545,11 +666,12 @@ impl LowAgent {
         &self,
         py: Python<'_>,
         agent: &str,
-        backends: Option<Vec<String>>,
-    ) -> PyResult<()> {
-        let b = names(backends);
+        backends: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<i32> {
+        let b = self.backends_of(backends)?;
         let a = &self.agent;
-        py.detach(|| a.make_connection(agent, &refs(&b))).py()
+        py.detach(|| a.make_connection(agent, &refs(&b))).py()?;
+        Ok(SUCCESS)
     }
 
     /// Drains new notifications into `notifs` (a dict name → list of bytes, created if None)
@@ -559,34 +681,62 @@ impl LowAgent {
         &self,
         py: Python<'py>,
         notifs: Option<Bound<'py, PyDict>>,
-        backends: Option<Vec<String>>,
+        backends: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyDict>> {
-        let b = names(backends);
+        let b = self.backends_of(backends)?;
         let a = &self.agent;
         let got = py.detach(|| a.get_notifs(&refs(&b))).py()?;
         let map = notifs.unwrap_or_else(|| PyDict::new(py));
         for n in got {
             let msg = PyBytes::new(py, &n.msg);
             match map.get_item(&n.from)? {
-                Some(l) => l.cast::<PyList>()?.append(msg)?,
+                Some(l) => match l.cast::<PyList>() {
+                    Ok(l) => l.append(msg)?,
+                    // Another sequence (e.g. a tuple): replaced by a list with the new message.
+                    Err(_) => {
+                        let list = PyList::empty(py);
+                        for m in l.try_iter()? {
+                            list.append(m?)?;
+                        }
+                        list.append(msg)?;
+                        map.set_item(&n.from, list)?;
+                    }
+                },
                 None => map.set_item(&n.from, PyList::new(py, [msg])?)?,
             }
         }
         Ok(map)
     }
 
-    /// Sends a standalone notification.
-    #[pyo3(signature = (agent, msg, backend = None))]
+    /// Sends a standalone notification (bytes or str). `backends`: None or empty (the agent
+    /// chooses), one backend, or a list of backends (names or handles) tried in order.
+    /// Returns `NIXL_SUCCESS`; errors raise.
+    #[pyo3(signature = (agent, msg, backends = None))]
     fn genNotif(
         &self,
         py: Python<'_>,
         agent: &str,
-        msg: Vec<u8>,
-        backend: Option<String>,
-    ) -> PyResult<()> {
+        msg: &Bound<'_, PyAny>,
+        backends: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<i32> {
+        let msg = msg_of(msg)?;
+        let b = self.backends_of(backends)?;
         let a = &self.agent;
-        py.detach(|| a.send_notif(agent, &msg, backend.as_deref()))
-            .py()
+        py.detach(|| {
+            if b.is_empty() {
+                return a.send_notif(agent, &msg, None);
+            }
+            let mut last = None;
+            for name in &b {
+                match a.send_notif(agent, &msg, Some(name)) {
+                    Ok(()) => return Ok(()),
+                    Err(e) => last = Some(e),
+                }
+            }
+            Err(last.expect("at least one backend was tried"))
+        })
+        .py()?;
+        Ok(SUCCESS)
     }
 
     /// The full metadata blob.
@@ -603,9 +753,9 @@ impl LowAgent {
         py: Python<'py>,
         descs: PyRef<'_, RegDList>,
         inc_conn_info: bool,
-        backends: Option<Vec<String>>,
+        backends: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyBytes>> {
-        let b = names(backends);
+        let b = self.backends_of(backends)?;
         let list = &descs.list;
         let a = &self.agent;
         let blob = py
@@ -621,23 +771,35 @@ impl LowAgent {
         Ok(PyBytes::new(py, n.as_bytes()))
     }
 
-    /// Drops a peer's metadata (never raises).
-    fn invalidateRemoteMD(&self, py: Python<'_>, agent: &str) {
+    /// Drops a peer's metadata. Never raises: returns `NIXL_SUCCESS`, or `NIXL_ERR_NOT_FOUND`
+    /// when no metadata of `agent` was loaded (as NIXL does).
+    fn invalidateRemoteMD(&self, py: Python<'_>, agent: &str) -> i32 {
         let a = &self.agent;
+        let known = a.remote_generation(agent).is_some();
         py.detach(|| a.invalidate_remote_metadata(agent));
+        if known {
+            SUCCESS
+        } else {
+            NOT_FOUND
+        }
     }
 
-    /// Whether `agent`'s metadata is loaded (and covers `descs`, if given).
+    /// `NIXL_SUCCESS` if `agent`'s metadata is loaded (and covers `descs`, if given), else
+    /// `NIXL_ERR_NOT_FOUND` (returned, not raised, as NIXL does).
     #[pyo3(signature = (agent, descs = None))]
     fn checkRemoteMD(
         &self,
         py: Python<'_>,
         agent: &str,
         descs: Option<PyRef<'_, XferDList>>,
-    ) -> bool {
+    ) -> i32 {
         let list = descs.as_ref().map(|d| &d.list);
         let a = &self.agent;
-        py.detach(|| a.check_remote_metadata(agent, list))
+        if py.detach(|| a.check_remote_metadata(agent, list)) {
+            SUCCESS
+        } else {
+            NOT_FOUND
+        }
     }
 
     /// The generation of `agent`'s loaded metadata, or None.
@@ -661,14 +823,14 @@ impl LowAgent {
         py: Python<'_>,
         descs: PyRef<'_, RegDList>,
         inc_conn_info: bool,
-        backends: Option<Vec<String>>,
+        backends: Option<&Bound<'_, PyAny>>,
         ip_addr: &str,
         port: u16,
         label: &str,
     ) -> PyResult<()> {
         let _ = label;
         let addr = socket_addr(ip_addr, port)?;
-        let b = names(backends);
+        let b = self.backends_of(backends)?;
         let list = &descs.list;
         let a = &self.agent;
         py.detach(|| a.send_partial_metadata(list, inc_conn_info, &refs(&b), addr))

@@ -147,8 +147,9 @@ fn create(ctx: BackendContext) -> Result<Arc<dyn Backend>> {
 struct Shared {
     ctx: BackendContext,
     peers: Mutex<HashMap<String, Arc<Peer>>>,
-    /// Accepted connections, kept to shut them down at teardown.
-    inbound: Mutex<Vec<UnixStream>>,
+    /// Accepted connections: drained by their reader threads, or by a thread waiting for
+    /// notifications (`poll_notifs`), whichever gets there first.
+    inbound: Mutex<Vec<Arc<Inbound>>>,
     stopping: AtomicBool,
 }
 
@@ -211,7 +212,7 @@ impl Shm {
             }
         }
         for c in self.shared.inbound.lock().drain(..) {
-            let _ = c.shutdown(std::net::Shutdown::Both);
+            let _ = c.conn.shutdown(std::net::Shutdown::Both);
         }
     }
 }
@@ -257,54 +258,167 @@ fn accept_loop(shared: &Arc<Shared>, listener: UnixListener) {
                 continue;
             }
         }
-        if let Ok(c) = conn.try_clone() {
-            shared.inbound.lock().push(c);
+        if let Err(e) = conn.set_nonblocking(true) {
+            tracing::warn!("SHM: cannot make an accepted socket non-blocking: {e}");
+            continue;
         }
+        let inbound = Arc::new(Inbound {
+            conn,
+            state: Mutex::new(InState::default()),
+        });
+        shared.inbound.lock().push(inbound.clone());
         let s = shared.clone();
         let spawned = std::thread::Builder::new()
             .name("rixl-shm-peer".into())
-            .spawn(move || serve_inbound(&s, conn));
+            .spawn(move || serve_inbound(&s, &inbound));
         if let Err(e) = spawned {
             tracing::warn!("SHM: cannot start a reader thread: {e}");
         }
     }
 }
 
-/// Reads one initiator's frames: its name, then notifications, until goodbye or end of stream.
-fn serve_inbound(shared: &Shared, mut conn: UnixStream) {
-    let mut buf = Vec::new();
-    let name = match wire::read_frame(&mut conn, &mut buf) {
-        Ok(Some(wire::Kind::Hello)) => match std::str::from_utf8(&buf) {
-            Ok(n) if !n.is_empty() => n.to_owned(),
-            _ => {
-                tracing::warn!("SHM: dropped a connection with an invalid agent name");
-                return;
-            }
-        },
-        other => {
-            tracing::warn!("SHM: dropped a connection that did not start with a hello: {other:?}");
-            return;
-        }
-    };
+/// One accepted connection and what has been read from it so far.
+struct Inbound {
+    /// Non-blocking; readers wait for input with `poll`.
+    conn: UnixStream,
+    state: Mutex<InState>,
+}
+
+#[derive(Default)]
+struct InState {
+    /// The sender, once its hello arrived.
+    name: Option<String>,
+    /// Bytes of frames not complete yet.
+    buf: Vec<u8>,
+    /// Why the connection is over, once it is.
+    end: Option<End>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum End {
+    /// The sender said goodbye: not a failure.
+    Bye,
+    /// End of stream without a goodbye: the sender is gone.
+    Lost,
+    /// The sender broke the protocol; the connection is dropped.
+    Bad,
+}
+
+/// Reads whatever is available without blocking and delivers complete notifications. Returns
+/// why the connection ended, if it did.
+fn drain(shared: &Shared, conn: &UnixStream, st: &mut InState) -> Option<End> {
+    let mut eof = false;
+    let mut chunk = [0u8; 16 * 1024];
     loop {
-        match wire::read_frame(&mut conn, &mut buf) {
-            Ok(Some(wire::Kind::Notif)) => shared.ctx.notifs.deliver(&name, &buf),
-            Ok(Some(wire::Kind::Bye)) => return,
-            Ok(Some(wire::Kind::Hello)) => {
-                tracing::warn!("SHM: {name:?} sent a second hello; closing");
-                return;
+        match std::io::Read::read(&mut &*conn, &mut chunk) {
+            Ok(0) => {
+                eof = true;
+                break;
             }
-            Ok(None) | Err(_) => break,
+            Ok(n) => {
+                st.buf.extend_from_slice(&chunk[..n]);
+                if st.buf.len() > wire::MAX_PAYLOAD + 5 {
+                    break; // Parse (and probably refuse) before reading more.
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => {
+                eof = true;
+                break;
+            }
         }
     }
-    if !shared.stopping.load(Ordering::SeqCst) {
-        let err = Error::remote_disconnect(format!(
-            "agent {name:?} closed its SHM connection without a goodbye"
-        ));
-        if let Some(p) = shared.peers.lock().get(&name) {
-            p.alive.store(false, Ordering::SeqCst);
+    let mut off = 0;
+    let end = loop {
+        match wire::parse(&st.buf[off..]) {
+            Ok(None) => break None,
+            Err(e) => {
+                tracing::warn!("SHM: dropped a connection sending a bad frame: {e}");
+                break Some(End::Bad);
+            }
+            Ok(Some((kind, start, stop))) => {
+                let payload = &st.buf[off + start..off + stop];
+                off += stop;
+                match (kind, &st.name) {
+                    (wire::Kind::Hello, None) => match std::str::from_utf8(payload) {
+                        Ok(n) if !n.is_empty() => st.name = Some(n.to_owned()),
+                        _ => {
+                            tracing::warn!("SHM: dropped a connection with an invalid agent name");
+                            break Some(End::Bad);
+                        }
+                    },
+                    (wire::Kind::Notif, Some(name)) => shared.ctx.notifs.deliver(name, payload),
+                    (wire::Kind::Bye, _) => break Some(End::Bye),
+                    (kind, name) => {
+                        tracing::warn!(
+                            "SHM: dropped a connection: unexpected {kind:?} from {name:?}"
+                        );
+                        break Some(End::Bad);
+                    }
+                }
+            }
         }
-        shared.ctx.report_peer_lost(&name, &err);
+    };
+    st.buf.drain(..off.min(st.buf.len()));
+    end.or(eof.then_some(End::Lost))
+}
+
+/// Blocks until `conn` has input (or end of stream).
+fn wait_readable(conn: &UnixStream) {
+    let mut pfd = libc::pollfd {
+        fd: conn.as_raw_fd(),
+        events: libc::POLLIN | libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for a socket the caller owns; blocks until it is readable.
+    unsafe { libc::poll(&mut pfd, 1, -1) };
+}
+
+/// The reader thread of one accepted connection: waits for input and drains it, until the
+/// connection ends.
+fn serve_inbound(shared: &Shared, inbound: &Arc<Inbound>) {
+    let end = loop {
+        wait_readable(&inbound.conn);
+        let mut st = inbound.state.lock();
+        if st.end.is_none() {
+            st.end = drain(shared, &inbound.conn, &mut st);
+        }
+        if let Some(end) = st.end {
+            break (end, st.name.clone());
+        }
+    };
+    shared.inbound.lock().retain(|i| !Arc::ptr_eq(i, inbound));
+    let _ = inbound.conn.shutdown(std::net::Shutdown::Both);
+    if let (End::Lost, Some(name)) = end {
+        if !shared.stopping.load(Ordering::SeqCst) {
+            let err = Error::remote_disconnect(format!(
+                "agent {name:?} closed its SHM connection without a goodbye"
+            ));
+            if let Some(p) = shared.peers.lock().get(&name) {
+                p.alive.store(false, Ordering::SeqCst);
+            }
+            shared.ctx.report_peer_lost(&name, &err);
+        }
+    }
+}
+
+/// Delivers notifications that already arrived on any connection, without blocking and
+/// without waiting for the connections' reader threads to wake up. Returns whether it found a
+/// connection to drain.
+fn poll_inbound(shared: &Shared) {
+    let list: Vec<Arc<Inbound>> = shared.inbound.lock().clone();
+    for inbound in list {
+        let Some(mut st) = inbound.state.try_lock() else {
+            continue;
+        };
+        if st.end.is_none() {
+            st.end = drain(shared, &inbound.conn, &mut st);
+            if st.end.is_some() {
+                // Make sure the reader thread wakes up to finish the connection.
+                let _ = inbound.conn.shutdown(std::net::Shutdown::Read);
+            }
+        }
     }
 }
 
@@ -624,6 +738,10 @@ impl Backend for Shm {
     fn send_notif(&self, peer: &str, msg: &[u8]) -> Result<()> {
         let p = self.shared.peer(peer)?;
         send_notif_to(&self.shared, &p, msg)
+    }
+
+    fn poll_notifs(&self) {
+        poll_inbound(&self.shared);
     }
 }
 

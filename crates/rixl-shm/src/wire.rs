@@ -4,7 +4,7 @@
 //! crosses it. Every frame from a peer is untrusted: lengths are bounded before anything is
 //! allocated and unknown kinds end the connection.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 
 /// Largest payload accepted (a notification is small; this bounds a hostile peer).
 pub const MAX_PAYLOAD: usize = 16 << 20;
@@ -54,24 +54,17 @@ pub fn write_frame(w: &mut impl Write, kind: Kind, payload: &[u8]) -> io::Result
     }
 }
 
-/// Reads one frame; `Ok(None)` on a clean end of stream before a frame starts.
-pub fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>) -> io::Result<Option<Kind>> {
-    let mut head = [0u8; 5];
-    let mut got = 0;
-    while got < head.len() {
-        match r.read(&mut head[got..]) {
-            Ok(0) if got == 0 => return Ok(None),
-            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
+/// Parses the frame at the front of `buf`: `Ok(None)` if it is not complete yet, else its kind,
+/// where its payload starts and where it ends.
+pub fn parse(buf: &[u8]) -> io::Result<Option<(Kind, usize, usize)>> {
+    if buf.len() < 5 {
+        return Ok(None);
     }
-    let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
-    let kind = Kind::from_u8(head[4]).ok_or_else(|| {
+    let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    let kind = Kind::from_u8(buf[4]).ok_or_else(|| {
         io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("unknown frame kind {}", head[4]),
+            format!("unknown frame kind {}", buf[4]),
         )
     })?;
     if len > MAX_PAYLOAD {
@@ -80,10 +73,10 @@ pub fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>) -> io::Result<Option<Kin
             format!("frame claims {len} bytes, more than {MAX_PAYLOAD}"),
         ));
     }
-    buf.clear();
-    buf.resize(len, 0);
-    r.read_exact(buf)?;
-    Ok(Some(kind))
+    if buf.len() < 5 + len {
+        return Ok(None);
+    }
+    Ok(Some((kind, 5, 5 + len)))
 }
 
 #[cfg(test)]
@@ -91,28 +84,45 @@ mod tests {
     use super::*;
 
     #[test]
-    fn round_trip_and_garbage() {
+    fn frames_round_trip() {
         let mut v = Vec::new();
         write_frame(&mut v, Kind::Hello, b"agent").unwrap();
         write_frame(&mut v, Kind::Notif, &[7u8; 1000]).unwrap();
         write_frame(&mut v, Kind::Notif, b"").unwrap();
-        let mut r = &v[..];
-        let mut buf = Vec::new();
-        assert_eq!(read_frame(&mut r, &mut buf).unwrap(), Some(Kind::Hello));
-        assert_eq!(buf, b"agent");
-        assert_eq!(read_frame(&mut r, &mut buf).unwrap(), Some(Kind::Notif));
-        assert_eq!(buf.len(), 1000);
-        assert_eq!(read_frame(&mut r, &mut buf).unwrap(), Some(Kind::Notif));
-        assert!(buf.is_empty());
-        assert_eq!(read_frame(&mut r, &mut buf).unwrap(), None);
-        // Huge length, unknown kind, truncated body.
-        let mut r: &[u8] = &[0xff, 0xff, 0xff, 0x7f, 2];
-        assert!(read_frame(&mut r, &mut buf).is_err());
-        let mut r: &[u8] = &[0, 0, 0, 0, 9];
-        assert!(read_frame(&mut r, &mut buf).is_err());
-        let mut r: &[u8] = &[4, 0, 0, 0, 2, 1];
-        assert!(read_frame(&mut r, &mut buf).is_err());
-        let mut r: &[u8] = &[4, 0];
-        assert!(read_frame(&mut r, &mut buf).is_err());
+        let mut off = 0;
+        let mut got = Vec::new();
+        while let Some((k, start, stop)) = parse(&v[off..]).unwrap() {
+            got.push((k, v[off + start..off + stop].to_vec()));
+            off += stop;
+        }
+        assert_eq!(off, v.len());
+        assert_eq!(got[0], (Kind::Hello, b"agent".to_vec()));
+        assert_eq!(got[1].1.len(), 1000);
+        assert_eq!(got[2], (Kind::Notif, vec![]));
+        assert!(write_frame(&mut v, Kind::Notif, &vec![0; MAX_PAYLOAD + 1]).is_err());
+    }
+
+    #[test]
+    fn parse_handles_partial_and_bad_frames() {
+        let mut v = Vec::new();
+        write_frame(&mut v, Kind::Notif, b"abc").unwrap();
+        for cut in 0..v.len() {
+            assert!(parse(&v[..cut]).unwrap().is_none(), "prefix {cut}");
+        }
+        assert_eq!(parse(&v).unwrap(), Some((Kind::Notif, 5, 8)));
+        assert!(parse(&[0, 0, 0, 0, 9]).is_err());
+        assert!(parse(&[0xff, 0xff, 0xff, 0x7f, 2]).is_err());
+        let mut x: u64 = 99;
+        for n in 0..3000usize {
+            let b: Vec<u8> = (0..n % 40)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            let _ = parse(&b);
+        }
     }
 }

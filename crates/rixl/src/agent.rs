@@ -537,7 +537,23 @@ impl Agent {
     /// Blocks until a notification is available or `timeout` passes, without consuming it.
     /// Returns whether one is available.
     pub fn wait_notif(&self, timeout: Duration) -> bool {
-        self.inner.notifs.wait(timeout, |_| true)
+        let slots: Vec<BackendSlot> = self
+            .inner
+            .backends
+            .read()
+            .iter()
+            .filter(|s| s.caps.notif)
+            .cloned()
+            .collect();
+        self.inner.notifs.wait_with(
+            timeout,
+            |_| true,
+            || {
+                for s in &slots {
+                    s.backend.poll_notifs();
+                }
+            },
+        )
     }
 
     /// Drains the notifications and groups them by sender (NIXL's `getNotifs` shape).

@@ -209,7 +209,7 @@ class nixl_agent:
         for plugin in self.plugin_list:
             params, mems = self.agent.getPluginParams(plugin)
             self.plugin_b_options[plugin] = params
-            self.plugin_mem_types[plugin] = [_bindings.nixl_mem_t(m).name for m in mems]
+            self.plugin_mem_types[plugin] = list(mems)
 
         to_create = self.plugin_list if instantiate_all else nixl_conf.backends
         for bknd in to_create:
@@ -276,7 +276,7 @@ class nixl_agent:
         handle = self.agent.createBackend(backend, dict(initParams))
         params, mems = self.agent.getBackendParams(backend)
         self.backends[backend] = handle
-        self.backend_mems[backend] = [_bindings.nixl_mem_t(m).name for m in mems]
+        self.backend_mems[backend] = list(mems)
         self.backend_options[backend] = params
 
     # ------------------------------------------------------------------ memory
@@ -458,16 +458,16 @@ class nixl_agent:
         """A request from two prepared lists and index arrays (lists or 1-D numpy arrays).
         ``notif=b""`` (RIXL, keyword-only) attaches an empty notification."""
         op = self.nixl_ops[operation]
-        msg = _b(notif) if notif is not None else (_b(notif_msg) or None)
         h = self.agent.makeXferReq(
             op,
             _hid(local_xfer_side),
             local_indices,
             _hid(remote_xfer_side),
             remote_indices,
-            msg,
+            _b(notif_msg),
             self._names(backends),
             bool(skip_desc_merge),
+            notif=None if notif is None else _b(notif),
         )
         return nixl_xfer_handle(self.agent, h)
 
@@ -488,9 +488,14 @@ class nixl_agent:
             remote_descs, _bindings.nixlXferDList
         ):
             raise TypeError("initialize_xfer takes nixlXferDList descriptor lists")
-        msg = _b(notif) if notif is not None else (_b(notif_msg) or None)
         h = self.agent.createXferReq(
-            op, local_descs, remote_descs, remote_agent, msg, self._names(backends)
+            op,
+            local_descs,
+            remote_descs,
+            remote_agent,
+            _b(notif_msg),
+            self._names(backends),
+            notif=None if notif is None else _b(notif),
         )
         return nixl_xfer_handle(self.agent, h)
 
@@ -503,7 +508,7 @@ class nixl_agent:
         except AttributeError:
             h = _hid(handle)
         if notif is not None:
-            return _STATE[self.agent.postXferReq(h, _b(notif))]
+            return _STATE[self.agent.postXferReq(h, notif=_b(notif))]
         if clear_notif:
             self.agent.setXferNotif(h, None)
             return _STATE[self.agent.postXferReq(h)]
@@ -664,7 +669,7 @@ class nixl_agent:
         """True if ``agent``'s metadata is loaded and covers ``descs`` (a ``nixlXferDList``)."""
         if descs is not None and not isinstance(descs, _bindings.nixlXferDList):
             raise TypeError("check_remote_metadata takes a nixlXferDList")
-        return self.agent.checkRemoteMD(agent, descs)
+        return self.agent.checkRemoteMD(agent, descs) == _bindings.NIXL_SUCCESS
 
     def get_listen_port(self):
         """RIXL: the port the metadata listener is bound to (useful with ``listen_port=0``)."""
