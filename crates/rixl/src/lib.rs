@@ -41,6 +41,8 @@ pub mod config;
 mod copy;
 mod listener;
 pub mod loopback;
+mod metadata;
+mod registration;
 pub mod registry;
 mod remote;
 mod xfer;

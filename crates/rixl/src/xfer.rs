@@ -21,7 +21,8 @@ use rixl_core::{
     RegIndex, Result, Segment, SegmentVec, XferDescList, XferOp, XferSpec, XferStatus,
 };
 
-use crate::agent::{Agent, AgentInner, BackendSlot, LocalReg, INIT_AGENT, INIT_AGENT_NAME};
+use crate::agent::{Agent, AgentInner, BackendSlot, INIT_AGENT, INIT_AGENT_NAME};
+use crate::registration::LocalReg;
 use crate::remote::{RemoteEntry, RemoteRegion};
 
 /// Which side a prepared list describes.
