@@ -168,6 +168,7 @@ impl AgentMetadata {
             let n = r.count(4)?;
             let mut regions = Vec::with_capacity(n);
             let mut prev: Option<(u64, u64)> = None;
+            let mut prev_key: Option<(u64, u64)> = None;
             for _ in 0..n {
                 let dev = r.varint()?;
                 let delta = r.zigzag()?;
@@ -175,12 +176,15 @@ impl AgentMetadata {
                 let public = r.bytes(MAX_FIELD)?.to_vec();
                 let base = match prev {
                     Some((pdev, end)) if pdev == dev => end,
-                    Some((pdev, _)) if pdev > dev => {
-                        return Err(r.error("registrations are not sorted by device"))
-                    }
                     _ => 0,
                 };
                 let addr = base.wrapping_add(delta as u64);
+                // The encoding is canonical: regions come sorted by (dev, addr), so a blob
+                // decodes to exactly what re-encodes to it.
+                if prev_key.is_some_and(|k| k > (dev, addr)) {
+                    return Err(r.error("registrations are not sorted by (device, address)"));
+                }
+                prev_key = Some((dev, addr));
                 let desc = Desc::new(addr, len, dev);
                 if desc.end().is_none() || (len == 0 && !mem.is_storage()) {
                     return Err(r.error(format!(
@@ -274,6 +278,29 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("version 2"));
+    }
+
+    #[test]
+    fn refuses_unsorted_regions() {
+        // Found by the metadata_blob fuzz target: a blob whose regions are out of order
+        // decoded, then re-encoded (sorted) to a different value. Decoding now refuses it.
+        let mut w = crate::codec::Writer::new();
+        w.raw(MAGIC);
+        w.u8(VERSION);
+        w.str("peer");
+        w.varint(0);
+        w.varint(1);
+        w.str("LOOPBACK");
+        w.u8(MemType::Dram.as_u8());
+        w.varint(2);
+        for (addr_delta, len) in [(0x2000i64, 16u64), (-0x1010, 16)] {
+            w.varint(0);
+            w.zigzag(addr_delta);
+            w.varint(len);
+            w.bytes(b"");
+        }
+        let e = AgentMetadata::decode(&w.finish()).unwrap_err();
+        assert!(e.to_string().contains("not sorted"), "{e}");
     }
 
     fn arb_metadata() -> impl Strategy<Value = AgentMetadata> {

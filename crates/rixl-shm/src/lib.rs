@@ -26,7 +26,7 @@
 mod cma;
 mod host;
 mod pool;
-mod wire;
+pub mod wire;
 
 use std::collections::HashMap;
 use std::io::Write;

@@ -39,7 +39,7 @@
 mod agent;
 pub mod config;
 mod copy;
-mod listener;
+pub mod listener;
 pub mod loopback;
 mod metadata;
 mod registration;

@@ -10,6 +10,8 @@ pub fn factories() -> &'static [BackendFactory] {
         crate::loopback::FACTORY,
         #[cfg(feature = "shm")]
         rixl_shm::FACTORY,
+        #[cfg(feature = "tcp")]
+        rixl_tcp::FACTORY,
         #[cfg(feature = "posix")]
         rixl_posix::FACTORY,
     ];

@@ -1,0 +1,461 @@
+//! # rixl-tcp: the any-host backend
+//!
+//! `TCP` moves DRAM between agents on any hosts with one-sided READ and WRITE. Unlike SHM, the
+//! target's CPU takes part: each agent runs a listener and one server thread per inbound
+//! connection, and the servers move bytes directly between the socket and registered memory
+//! (`readv` into the target's buffer for a WRITE, `writev` from it for a READ; no staging copy).
+//! Because the target serves every byte, it also checks every byte: each request names a region
+//! token, address and length, and is served only if the range lies inside a *live* registration
+//! of the target's own (see [`target`]); a peer is never trusted. Deregistration is therefore
+//! enforced on the target side, unlike SHM.
+//!
+//! The initiator opens `connections` TCP connections per peer on first use (or on `connect`).
+//! Small posts go out on one of them in a single `writev` (up to 128 frames per call), with the
+//! notification right behind the data on the same ordered stream, so the target delivers it
+//! only once the data has landed. Posts larger than `stripe_min_bytes` are cut into `chunk_bytes`
+//! pieces dealt round-robin to every connection and written by per-connection sender threads;
+//! their notification carries the number of parts, and the target delivers it when all of them
+//! were served. Frames are built once at `prepare_xfer`; a post allocates only its small
+//! completion state.
+//!
+//! Liveness: a killed peer's sockets are closed by its kernel, so the reader thread blocked on
+//! the connection sees end-of-stream at once and the agent invalidates the peer. A partitioned
+//! or frozen peer is caught by TCP keepalive (`keepalive_secs` idle, then 3 probes 1 s apart),
+//! `TCP_USER_TIMEOUT` and a response deadline (`deadline_ms`: requests outstanding and no
+//! byte received for that long fails the connection with `Timeout`). Every blocking socket call
+//! has a timeout, so nothing waits forever.
+//!
+//! The wire format ([`wire`]) is versioned in the hello and bounds-checked per frame; garbage,
+//! truncated frames and frames claiming huge lengths close the connection without writing
+//! anything, and the backend keeps serving other connections.
+//!
+//! ## Semantics worth knowing
+//!
+//! - A WRITE's notification is delivered after every byte of the post is in the target's
+//!   memory. A READ's notification is delivered once the target has *sent* every byte (its
+//!   memory is no longer needed, which is what a READ notification tells the target); the
+//!   initiator's request completes when the bytes have landed locally. A post completes only
+//!   after the target acknowledged its notification, so notifications of posts waited for one
+//!   after the other arrive in posting order even when they travel on different connections.
+//! - `cancel` stops sending at once and waits until the target has answered every frame already
+//!   sent (those are served: a frame on the wire cannot be recalled), so no byte lands after it
+//!   returns. A target that does not answer within twice `deadline_ms` gets its connections
+//!   closed.
+//! - Target-side `deregister` waits for a server moving bytes in or out of that region (bounded
+//!   by the frame deadline: `deadline_ms` plus 10 MB/s of payload), then refuses the token.
+//! - Identity: the hello carries the initiator's name and instance nonce and the target's
+//!   expected name and nonce; a restarted agent at the same address is refused. Notifications
+//!   are attributed to the hello's name; an inbound connection can make the target drop an
+//!   agent's metadata only if its nonce matches that agent's published connection info. There
+//!   is no encryption or authentication of the data stream (as with NIXL's UCX over TCP).
+
+mod initiator;
+mod sock;
+pub mod target;
+pub mod wire;
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use rixl_core::{
+    Backend, BackendContext, BackendFactory, BackendXfer, Capabilities, Desc, Error, ErrorKind,
+    LocalRegion, MemType, Params, RegDesc, Result, XferSpec,
+};
+
+use initiator::Peer;
+pub use wire::ConnInfo;
+
+/// The backend's name.
+pub const NAME: &str = "TCP";
+
+/// Registry entry.
+pub const FACTORY: BackendFactory = BackendFactory {
+    name: NAME,
+    mems: &[MemType::Dram],
+    default_params: &[
+        ("listen_addr", "0.0.0.0:0"),
+        ("connections", "2"),
+        ("keepalive_secs", "2"),
+        ("deadline_ms", "5000"),
+        ("stripe_min_bytes", "262144"),
+        ("chunk_bytes", "1048576"),
+    ],
+    create,
+};
+
+fn create(ctx: BackendContext) -> Result<Arc<dyn Backend>> {
+    for k in ctx.params.keys() {
+        if !FACTORY.default_params.iter().any(|(d, _)| d == k) {
+            return Err(Error::invalid_param(format!("TCP has no parameter {k:?}")));
+        }
+    }
+    let listen: SocketAddr = ctx
+        .param("listen_addr")?
+        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let connections: usize = ctx.param("connections")?.unwrap_or(2);
+    let keepalive_secs: u32 = ctx.param("keepalive_secs")?.unwrap_or(2);
+    let deadline_ms: u64 = ctx.param("deadline_ms")?.unwrap_or(5000);
+    let stripe_min: u64 = ctx.param("stripe_min_bytes")?.unwrap_or(256 << 10);
+    let chunk: u64 = ctx.param("chunk_bytes")?.unwrap_or(1 << 20);
+    if !(1..=64).contains(&connections) {
+        return Err(Error::invalid_param("TCP connections must be 1..=64"));
+    }
+    if keepalive_secs == 0 || deadline_ms == 0 {
+        return Err(Error::invalid_param(
+            "TCP keepalive_secs and deadline_ms must be positive",
+        ));
+    }
+    if chunk == 0 || chunk > wire::MAX_DATA {
+        return Err(Error::invalid_param(format!(
+            "TCP chunk_bytes must be 1..={}",
+            wire::MAX_DATA
+        )));
+    }
+    let listener = TcpListener::bind(listen).map_err(|e| {
+        Error::from_io(
+            ErrorKind::Backend,
+            format!("TCP cannot listen on {listen}"),
+            &e,
+        )
+    })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| Error::from_io(ErrorKind::Backend, "TCP listener address", &e))?;
+    let me = ConnInfo {
+        nonce: random_nonce(),
+        port: bound.port(),
+        addrs: sock::publish_addrs(bound.ip()),
+    };
+    let shared = Arc::new(Shared {
+        ctx: ctx.clone(),
+        nonce: me.nonce,
+        peers: Mutex::new(HashMap::new()),
+        inbound: target::Inbound::default(),
+        readers: Mutex::new(Vec::new()),
+        regions: target::Regions::default(),
+        stopping: AtomicBool::new(false),
+        keepalive_secs,
+        deadline: Duration::from_millis(deadline_ms),
+        connections,
+        stripe_min,
+        chunk,
+    });
+    let listener_fd = listener.as_raw_fd();
+    let s2 = shared.clone();
+    let accept_thread = std::thread::Builder::new()
+        .name("rixl-tcp-accept".into())
+        .spawn(move || target::accept_loop(&s2, listener))
+        .map_err(|e| Error::from_io(ErrorKind::Backend, "TCP cannot start its thread", &e))?;
+    let mut params = ctx.params.clone();
+    for (k, v) in [
+        ("listen_addr", bound.to_string()),
+        ("connections", connections.to_string()),
+        ("keepalive_secs", keepalive_secs.to_string()),
+        ("deadline_ms", deadline_ms.to_string()),
+        ("stripe_min_bytes", stripe_min.to_string()),
+        ("chunk_bytes", chunk.to_string()),
+    ] {
+        params.insert(k.into(), v);
+    }
+    Ok(Arc::new(Tcp {
+        me,
+        shared,
+        listener_fd,
+        accept_thread: Mutex::new(Some(accept_thread)),
+        next_token: AtomicU64::new(1),
+        params,
+    }))
+}
+
+/// A per-instance random number (no RNG dependency: time, pid and a stack address mixed).
+fn random_nonce() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.write_u32(std::process::id());
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    h.finish().max(1)
+}
+
+/// Joins `threads`, except the calling one (teardown can run on a backend thread when it drops
+/// the last reference to its agent).
+fn join_others(threads: Vec<std::thread::JoinHandle<()>>) {
+    let me = std::thread::current().id();
+    for t in threads {
+        if t.thread().id() != me {
+            let _ = t.join();
+        }
+    }
+}
+
+/// State shared with the backend's threads.
+#[derive(Debug)]
+pub struct Shared {
+    ctx: BackendContext,
+    nonce: u64,
+    peers: Mutex<HashMap<String, Arc<Peer>>>,
+    inbound: target::Inbound,
+    /// Reader threads of outbound connections: joined at teardown, so that no READ data lands
+    /// in this agent's memory after its backend shut down.
+    readers: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    regions: target::Regions,
+    stopping: AtomicBool,
+    keepalive_secs: u32,
+    deadline: Duration,
+    connections: usize,
+    stripe_min: u64,
+    chunk: u64,
+}
+
+impl Shared {
+    fn peer(&self, name: &str) -> Result<Arc<Peer>> {
+        self.peers.lock().get(name).cloned().ok_or_else(|| {
+            Error::not_found(format!("no TCP connection info for agent {name:?}"))
+                .with_backend(NAME)
+        })
+    }
+
+    /// Reports `peer` lost once (unless we are closing it on purpose).
+    fn lost(&self, peer: &Peer, err: &Error) {
+        if peer.closing.load(Ordering::SeqCst) || self.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        if peer.alive.swap(false, Ordering::SeqCst) {
+            self.ctx.report_peer_lost(&peer.name, err);
+        }
+    }
+
+    fn lost_if(&self, peer: &Peer, err: &Error) {
+        if err.kind() == ErrorKind::RemoteDisconnect {
+            self.lost(peer, err);
+        }
+    }
+}
+
+/// The `TCP` backend.
+pub struct Tcp {
+    me: ConnInfo,
+    shared: Arc<Shared>,
+    listener_fd: i32,
+    accept_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    next_token: AtomicU64,
+    params: Params,
+}
+
+impl std::fmt::Debug for Tcp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tcp")
+            .field("port", &self.me.port)
+            .field("peers", &self.shared.peers.lock().len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Tcp {
+    /// Stops serving: closes the listener, every inbound and outbound connection. Idempotent.
+    fn teardown(&self) {
+        if self.shared.stopping.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        // SAFETY: shutting down our own listening socket wakes the thread blocked in accept();
+        // the fd stays open (owned by that thread) until it returns, so it cannot be reused.
+        unsafe { libc::shutdown(self.listener_fd, libc::SHUT_RDWR) };
+        if let Some(t) = self.accept_thread.lock().take() {
+            let _ = t.join();
+        }
+        self.shared.inbound.close_all();
+        let peers: Vec<Arc<Peer>> = self.shared.peers.lock().drain().map(|(_, p)| p).collect();
+        for p in peers {
+            p.close();
+        }
+        // Closed sockets end every reader's read at once.
+        let readers: Vec<_> = self.shared.readers.lock().drain(..).collect();
+        join_others(readers);
+    }
+
+    /// The connection info this backend publishes (decoded).
+    pub fn conn_info_decoded(&self) -> &ConnInfo {
+        &self.me
+    }
+}
+
+impl Drop for Tcp {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+impl Backend for Tcp {
+    fn name(&self) -> &str {
+        NAME
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            remote: true,
+            local: false,
+            notif: true,
+            mems: vec![MemType::Dram],
+        }
+    }
+
+    fn params(&self) -> Params {
+        self.params.clone()
+    }
+
+    fn register(&self, mem: MemType, desc: &RegDesc) -> Result<LocalRegion> {
+        if mem != MemType::Dram {
+            return Err(Error::not_supported(format!(
+                "TCP cannot register {mem} memory"
+            )));
+        }
+        let token = self.next_token.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .regions
+            .insert(token, desc.desc.addr, desc.desc.len);
+        // Peers name the region by this token in every request; the target checks it.
+        Ok(LocalRegion {
+            token,
+            public: token.to_le_bytes().to_vec(),
+        })
+    }
+
+    fn deregister(&self, _mem: MemType, token: u64) -> Result<()> {
+        // Waits until no server is moving bytes in or out of the region.
+        if self.shared.regions.remove(token) {
+            Ok(())
+        } else {
+            Err(Error::not_found(format!("TCP has no region {token}")))
+        }
+    }
+
+    fn conn_info(&self) -> Option<Vec<u8>> {
+        Some(self.me.encode())
+    }
+
+    fn load_remote_conn_info(&self, peer: &str, info: &[u8]) -> Result<()> {
+        let info = ConnInfo::decode(info)?;
+        let mut peers = self.shared.peers.lock();
+        if peers
+            .get(peer)
+            .is_some_and(|p| p.info == info && !p.closing.load(Ordering::SeqCst))
+        {
+            return Ok(()); // the same instance again: keep its connections and regions
+        }
+        let old = peers.insert(peer.to_owned(), Arc::new(Peer::new(peer, info)));
+        drop(peers);
+        if let Some(old) = old {
+            old.close();
+        }
+        Ok(())
+    }
+
+    fn load_remote_region(
+        &self,
+        peer: &str,
+        mem: MemType,
+        _desc: &Desc,
+        public: &[u8],
+    ) -> Result<u64> {
+        if mem != MemType::Dram {
+            return Err(Error::not_supported(format!(
+                "TCP cannot reach {mem} memory"
+            )));
+        }
+        let remote: [u8; 8] = public.try_into().map_err(|_| {
+            Error::mismatch(format!(
+                "TCP region data of agent {peer:?} has {} bytes, expected 8",
+                public.len()
+            ))
+        })?;
+        let p = self.shared.peer(peer)?;
+        // Distinct tokens per region on our side too: the agent merges only within one token.
+        let token = self.next_token.fetch_add(1, Ordering::Relaxed);
+        p.regions.lock().insert(token, u64::from_le_bytes(remote));
+        Ok(token)
+    }
+
+    fn unload_remote_region(&self, peer: &str, _mem: MemType, token: u64) {
+        if let Ok(p) = self.shared.peer(peer) {
+            p.regions.lock().remove(&token);
+        }
+    }
+
+    fn connect(&self, peer: &str) -> Result<()> {
+        let p = self.shared.peer(peer)?;
+        initiator::connect(&self.shared, &p)
+    }
+
+    fn disconnect(&self, peer: &str) {
+        let p = self.shared.peers.lock().remove(peer);
+        if let Some(p) = p {
+            p.close();
+        }
+    }
+
+    fn shutdown(&self) {
+        self.teardown();
+    }
+
+    fn prepare_xfer(&self, spec: XferSpec<'_>) -> Result<Box<dyn BackendXfer>> {
+        if spec.local_mem != MemType::Dram || spec.remote_mem != MemType::Dram {
+            return Err(Error::not_supported("TCP moves DRAM only"));
+        }
+        if spec.loopback {
+            return Err(Error::not_supported(
+                "TCP does not serve transfers to the agent itself",
+            ));
+        }
+        if self.shared.stopping.load(Ordering::SeqCst) {
+            return Err(Error::not_found("the TCP backend was shut down"));
+        }
+        let peer = self.shared.peer(spec.peer)?;
+        let mut pairs = Vec::with_capacity(spec.local.len());
+        {
+            let regions = peer.regions.lock();
+            let mut last: Option<(u64, u64)> = None;
+            for (l, r) in spec.local.iter().zip(spec.remote.iter()) {
+                let remote_token = match last {
+                    Some((ours, theirs)) if ours == r.token => theirs,
+                    _ => {
+                        let t = *regions.get(&r.token).ok_or_else(|| {
+                            Error::not_found(format!(
+                                "TCP has no region {} of agent {:?}",
+                                r.token, spec.peer
+                            ))
+                        })?;
+                        last = Some((r.token, t));
+                        t
+                    }
+                };
+                pairs.push((l.addr, remote_token, r.addr, l.len));
+            }
+        }
+        let total = spec.local.iter().map(|s| s.len).sum();
+        Ok(Box::new(initiator::TcpXfer::new(
+            self.shared.clone(),
+            peer,
+            spec.op,
+            pairs.into_iter(),
+            total,
+        )))
+    }
+
+    fn send_notif(&self, peer: &str, msg: &[u8]) -> Result<()> {
+        if self.shared.stopping.load(Ordering::SeqCst) {
+            return Err(Error::not_found("the TCP backend was shut down"));
+        }
+        let p = self.shared.peer(peer)?;
+        initiator::send_notif(&self.shared, &p, msg)
+    }
+}

@@ -1,0 +1,336 @@
+//! `TCP` between two network "hosts": the test process in the root network namespace and a
+//! peer process in its own namespace, joined by a veth pair with private 10.x addresses. The
+//! peer's connection info lists its 10.x address (and 127.0.0.1, which from here reaches a
+//! different host's loopback: the hello's name and instance check refuses it if anything
+//! listens there). Covers data both ways over the veth, notifications both ways (the peer dials
+//! back, trying our addresses in order until one is routable from its namespace), and a
+//! network partition (the veth taken down) surfacing as an error within a bounded time.
+//!
+//! Needs root and `ip netns`; otherwise prints `SKIP: ... because ...` and falls back to the
+//! same checks over loopback.
+
+#![cfg(feature = "tcp")]
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rixl::{Agent, AgentConfig, Desc, ErrorKind, MemType, XferDescList, XferOp, XferOptions};
+use rixl_testkit::peer::{checksum, hex, unhex, PEER_ENV};
+use rixl_testkit::{pattern, unique_name, TestBuffer};
+
+#[test]
+#[ignore = "entry point of the peer process that the multi-host test spawns"]
+fn peer_process() {
+    rixl_testkit::peer::peer_main();
+}
+
+/// A network namespace with a veth link to the root namespace; removed on drop.
+struct Netns {
+    name: String,
+    host_if: String,
+    host_ip: String,
+    peer_ip: String,
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run ip: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "`ip {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+impl Netns {
+    fn create() -> Result<Netns, String> {
+        let id = std::process::id() % 100_000;
+        let octet = 1 + id % 250;
+        let ns = Netns {
+            name: format!("rixl-tcp-{id}"),
+            host_if: format!("rt{id}a"),
+            host_ip: format!("10.213.{octet}.1"),
+            peer_ip: format!("10.213.{octet}.2"),
+        };
+        let peer_if = format!("rt{id}b");
+        ip(&["netns", "add", &ns.name])?;
+        let setup = || -> Result<(), String> {
+            ip(&[
+                "link",
+                "add",
+                &ns.host_if,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &peer_if,
+            ])?;
+            ip(&["link", "set", &peer_if, "netns", &ns.name])?;
+            ip(&[
+                "addr",
+                "add",
+                &format!("{}/24", ns.host_ip),
+                "dev",
+                &ns.host_if,
+            ])?;
+            ip(&["link", "set", &ns.host_if, "mtu", "65535", "up"])?;
+            let n = ns.name.as_str();
+            ip(&[
+                "-n",
+                n,
+                "addr",
+                "add",
+                &format!("{}/24", ns.peer_ip),
+                "dev",
+                &peer_if,
+            ])?;
+            ip(&["-n", n, "link", "set", &peer_if, "mtu", "65535", "up"])?;
+            ip(&["-n", n, "link", "set", "lo", "up"])?;
+            Ok(())
+        };
+        setup()?;
+        Ok(ns)
+    }
+
+    /// Cuts the link (both ends stay configured, packets are dropped).
+    fn partition(&self) -> Result<(), String> {
+        ip(&["link", "set", &self.host_if, "down"])
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = ip(&["link", "del", &self.host_if]);
+        let _ = ip(&["netns", "del", &self.name]);
+    }
+}
+
+/// The peer process, spawned through `ip netns exec` (or directly without a namespace).
+struct Peer {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    name: String,
+    base: u64,
+    metadata: Vec<u8>,
+}
+
+impl Peer {
+    fn spawn(ns: Option<&Netns>, name: &str, len: usize, seed: u64) -> Peer {
+        let exe = std::env::current_exe().unwrap();
+        let test_args = [
+            "peer_process",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ];
+        let mut cmd = match ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &ns.name])
+                    .arg(&exe)
+                    .args(test_args);
+                c
+            }
+            None => {
+                let mut c = Command::new(&exe);
+                c.args(test_args);
+                c
+            }
+        };
+        let mut child = cmd
+            .env(PEER_ENV, format!("{name},TCP,{len},{seed}"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut p = Peer {
+            child,
+            stdin,
+            stdout,
+            name: name.to_owned(),
+            base: 0,
+            metadata: Vec::new(),
+        };
+        let ready = p.reply();
+        let w: Vec<&str> = ready.split_whitespace().collect();
+        let ["READY", base, _len, md] = w[..] else {
+            panic!("peer did not start: {ready:?}");
+        };
+        p.base = base.parse().unwrap();
+        p.metadata = unhex(md).unwrap();
+        p
+    }
+
+    fn reply(&mut self) -> String {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let n = self.stdout.read_line(&mut line).unwrap();
+            assert!(n > 0, "peer {} exited unexpectedly", self.name);
+            if let Some(i) = line.find("@rixl ") {
+                return line[i + 6..].trim_end().to_owned();
+            }
+        }
+    }
+
+    fn cmd(&mut self, line: &str) -> String {
+        writeln!(self.stdin, "{line}").unwrap();
+        self.stdin.flush().unwrap();
+        self.reply()
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn list(descs: Vec<Desc>) -> XferDescList {
+    XferDescList::from_descs(MemType::Dram, descs)
+}
+
+#[test]
+fn data_notifications_and_partition_across_hosts() {
+    let ns = match Netns::create() {
+        Ok(ns) => Some(ns),
+        Err(e) => {
+            println!(
+                "SKIP: multi-host TCP over network namespaces because {e}; running over loopback"
+            );
+            None
+        }
+    };
+    const LEN: usize = 16 << 20;
+    let local = TestBuffer::with_pattern(LEN, 31);
+    let back = TestBuffer::new(LEN);
+    let mut params = rixl::Params::new();
+    params.insert("deadline_ms".into(), "1000".into());
+    params.insert("keepalive_secs".into(), "1".into());
+    let a = Agent::new(
+        &unique_name("tcp-host-a"),
+        AgentConfig::default().backend_with("TCP", params),
+    )
+    .unwrap();
+    // SAFETY: both buffers outlive `a`.
+    unsafe {
+        a.register_mem(&local.reg_list(), &[]).unwrap();
+        a.register_mem(&back.reg_list(), &[]).unwrap();
+    }
+    let mut peer = Peer::spawn(ns.as_ref(), &unique_name("tcp-host-b"), LEN, 32);
+    let info = {
+        let md = rixl::core::AgentMetadata::decode(&peer.metadata).unwrap();
+        let c = md.conn.iter().find(|c| c.backend == "TCP").unwrap();
+        rixl_tcp::ConnInfo::decode(&c.info).unwrap()
+    };
+    eprintln!("peer publishes {:?} port {}", info.addrs, info.port);
+    if let Some(ns) = &ns {
+        assert_eq!(
+            info.addrs[0].to_string(),
+            ns.peer_ip,
+            "the peer publishes its namespace's address first"
+        );
+    }
+    a.load_remote_metadata(&peer.metadata).unwrap();
+    let ok = peer.cmd(&format!("LOAD {}", hex(&a.local_metadata().unwrap())));
+    assert!(ok.starts_with("OK"), "{ok}");
+
+    // WRITE 16 MiB (striped) with a notification, check on the peer.
+    let w = a
+        .create_xfer_req(
+            XferOp::Write,
+            &list(vec![local.whole()]),
+            &list(vec![Desc::new(peer.base, LEN as u64, 0)]),
+            &peer.name,
+            &XferOptions::with_notif("across"),
+        )
+        .unwrap();
+    w.post().unwrap();
+    w.wait(Some(Duration::from_secs(60))).unwrap();
+    assert_eq!(
+        peer.cmd("WAIT_NOTIF 10000"),
+        format!("NOTIF {}:{}", a.name(), hex(b"across"))
+    );
+    assert_eq!(
+        peer.cmd(&format!("SUM 0 {LEN}")),
+        format!("SUM {}", checksum(&pattern(31, 0, LEN)))
+    );
+    // READ it back.
+    let r = a
+        .create_xfer_req(
+            XferOp::Read,
+            &list(vec![back.whole()]),
+            &list(vec![Desc::new(peer.base, LEN as u64, 0)]),
+            &peer.name,
+            &XferOptions::default(),
+        )
+        .unwrap();
+    r.post().unwrap();
+    r.wait(Some(Duration::from_secs(60))).unwrap();
+    back.assert_range(0, &pattern(31, 0, LEN), "read back across hosts");
+    // The peer dials back for a notification (trying our addresses in order).
+    assert_eq!(
+        peer.cmd(&format!("SEND_NOTIF {} {}", a.name(), hex(b"back"))),
+        "OK"
+    );
+    assert!(a.wait_notif(Duration::from_secs(10)));
+    let n = a.get_notifs(&[]).unwrap();
+    assert_eq!(n[0].msg, b"back");
+
+    let Some(ns) = &ns else {
+        return;
+    };
+    // Partition in the middle of a transfer: the post fails (no hang) within a bounded time.
+    let big = a
+        .create_xfer_req(
+            XferOp::Write,
+            &list(vec![local.whole()]),
+            &list(vec![Desc::new(peer.base, LEN as u64, 0)]),
+            &peer.name,
+            &XferOptions::default(),
+        )
+        .unwrap();
+    big.post().unwrap();
+    ns.partition().unwrap();
+    let cut = Instant::now();
+    match big.wait(Some(Duration::from_secs(30))) {
+        Ok(_) => eprintln!("the post finished before the partition"),
+        Err(e) => {
+            assert!(
+                matches!(
+                    e.kind(),
+                    ErrorKind::Timeout | ErrorKind::RemoteDisconnect | ErrorKind::NotFound
+                ),
+                "{e}"
+            );
+            eprintln!("partitioned post failed after {:?}: {e}", cut.elapsed());
+        }
+    }
+    // Whether or not that post made it, the next one cannot: it fails within bounded time.
+    let next = big
+        .post()
+        .and_then(|_| big.wait(Some(Duration::from_secs(30))));
+    match next {
+        Ok(s) => panic!("a post across a cut link succeeded: {s:?}"),
+        Err(e) => assert!(
+            matches!(
+                e.kind(),
+                ErrorKind::Timeout | ErrorKind::RemoteDisconnect | ErrorKind::NotFound
+            ),
+            "{e}"
+        ),
+    }
+    eprintln!("partition surfaced after {:?}", cut.elapsed());
+}
