@@ -17,6 +17,11 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::error::{Error, Result};
 
+/// How long `wait` busy-spins before yielding.
+const SPIN: Duration = Duration::from_micros(20);
+/// How long `wait` keeps checking (yielding the CPU) before it sleeps.
+const YIELD: Duration = Duration::from_micros(200);
+
 const ST_IDLE: u64 = 0;
 const ST_PROC: u64 = 1;
 const ST_DONE: u64 = 2;
@@ -132,16 +137,25 @@ impl Completion {
     /// `Err(Timeout)` is returned.
     pub fn wait(&self, timeout: Option<Duration>) -> Result<XferStatus> {
         let start = Instant::now();
-        // Small transfers finish within microseconds: spin briefly before sleeping.
-        let spin_until = Duration::from_micros(20).min(timeout.unwrap_or(Duration::MAX));
+        // Small transfers finish within microseconds: spin briefly, then keep checking while
+        // yielding the CPU (the thread that completes the post may need it; a network round
+        // trip takes tens of microseconds), and only then sleep. Nothing spins while idle: this
+        // runs only while a caller waits for a post in flight.
+        let limit = timeout.unwrap_or(Duration::MAX);
+        let (spin, yield_until) = (SPIN.min(limit), YIELD.min(limit));
         loop {
             if !self.in_progress() {
                 return self.status();
             }
-            if start.elapsed() >= spin_until {
+            let waited = start.elapsed();
+            if waited >= yield_until {
                 break;
             }
-            std::hint::spin_loop();
+            if waited < spin {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
         }
         let deadline = timeout.and_then(|t| start.checked_add(t));
         let mut slow = self.slow.lock();
