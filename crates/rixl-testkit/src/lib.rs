@@ -60,7 +60,7 @@ use std::time::Duration;
 use rixl::{Agent, AgentConfig, Params};
 
 pub use buffer::{assert_bytes_eq, pattern, pattern_byte, TestBuffer};
-pub use support::{block_on, unique_name, Rng};
+pub use support::{block_on, dram_list, eventually, unique_name, Rng};
 
 /// How to make agents for the backend under test, and what the backend can do.
 ///

@@ -93,6 +93,24 @@ pub fn block_on<F: Future>(fut: F) -> F::Output {
     }
 }
 
+/// Polls `cond` every 5 ms until it holds or `limit` passes; returns whether it held. For
+/// events a backend reports asynchronously (a peer's death, a pushed blob being loaded).
+pub fn eventually(limit: std::time::Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = std::time::Instant::now();
+    while start.elapsed() < limit {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    cond()
+}
+
+/// A DRAM transfer list owning `descs`.
+pub fn dram_list(descs: Vec<rixl::Desc>) -> rixl::XferDescList {
+    rixl::XferDescList::from_descs(rixl::MemType::Dram, descs)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

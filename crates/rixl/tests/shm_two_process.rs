@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use rixl::{Agent, AgentConfig, Desc, ErrorKind, MemType, XferDescList, XferOp, XferOptions};
+use rixl::{Agent, AgentConfig, Desc, ErrorKind, XferOp, XferOptions};
 use rixl_testkit::peer::{checksum, hex, PeerProcess};
 use rixl_testkit::{pattern, unique_name, TestBuffer};
 
@@ -30,21 +30,9 @@ fn initiator(buf: &TestBuffer) -> Agent {
     a
 }
 
-fn list(descs: Vec<Desc>) -> XferDescList {
-    XferDescList::from_descs(MemType::Dram, descs)
-}
+use rixl_testkit::dram_list as list;
 
-/// Waits until `cond` holds or `limit` passes; returns whether it held.
-fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if cond() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    cond()
-}
+use rixl_testkit::eventually;
 
 #[test]
 fn write_read_and_notify_across_processes() {

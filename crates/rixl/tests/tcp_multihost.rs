@@ -15,7 +15,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rixl::{Agent, AgentConfig, Desc, ErrorKind, MemType, XferDescList, XferOp, XferOptions};
+use rixl::{Agent, AgentConfig, Desc, ErrorKind, XferOp, XferOptions};
 use rixl_testkit::peer::{checksum, hex, unhex, PEER_ENV};
 use rixl_testkit::{pattern, unique_name, TestBuffer};
 
@@ -198,9 +198,7 @@ impl Drop for Peer {
     }
 }
 
-fn list(descs: Vec<Desc>) -> XferDescList {
-    XferDescList::from_descs(MemType::Dram, descs)
-}
+use rixl_testkit::dram_list as list;
 
 #[test]
 fn data_notifications_and_partition_across_hosts() {

@@ -12,8 +12,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use rixl::{
-    Agent, AgentConfig, Desc, ErrorKind, MemType, RegDesc, RegDescList, XferDescList, XferOp,
-    XferOptions,
+    Agent, AgentConfig, Desc, ErrorKind, MemType, RegDesc, RegDescList, XferOp, XferOptions,
 };
 use rixl_tcp::wire::{self, ErrCode, Header, Hello, Kind, HEADER_LEN};
 use rixl_testkit::peer::{checksum, hex, PeerProcess};
@@ -38,21 +37,9 @@ fn initiator(buf: &TestBuffer) -> Agent {
     a
 }
 
-fn list(descs: Vec<Desc>) -> XferDescList {
-    XferDescList::from_descs(MemType::Dram, descs)
-}
+use rixl_testkit::dram_list as list;
 
-/// Waits until `cond` holds or `limit` passes; returns whether it held.
-fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if cond() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    cond()
-}
+use rixl_testkit::eventually;
 
 #[test]
 fn write_read_and_notify_across_processes() {
