@@ -1,7 +1,8 @@
 //! Page-aligned test buffers and byte patterns.
 //!
-//! A [`TestBuffer`] owns a zeroed, 4096-aligned heap allocation that backends read and write by
-//! address. It holds only a raw pointer, never a Rust reference to the bytes, so a backend
+//! A [`TestBuffer`] owns a zeroed, 4096-aligned allocation that backends read and write by
+//! address: from the heap, or from the shared arena once a cross-process harness installed one
+//! (so that a peer process sees the same bytes at the same address). It holds only a raw pointer, never a Rust reference to the bytes, so a backend
 //! writing into it while the test holds `&TestBuffer` is fine; the slices it hands out
 //! ([`TestBuffer::as_slice`]) must only be used while no transfer into the buffer is in flight.
 //!
@@ -93,8 +94,12 @@ impl TestBuffer {
     pub fn new(len: usize) -> TestBuffer {
         assert!(len > 0, "a TestBuffer must not be empty");
         let layout = Layout::from_size_align(len, Self::ALIGN).expect("valid layout");
-        // SAFETY: `layout` has a non-zero size (checked above).
-        let raw = unsafe { alloc::alloc_zeroed(layout) };
+        let raw = match crate::arena::get() {
+            // Fresh arena pages are zero and 4096-aligned (see `arena`).
+            Some(arena) => arena.alloc(len),
+            // SAFETY: `layout` has a non-zero size (checked above).
+            None => unsafe { alloc::alloc_zeroed(layout) },
+        };
         let ptr = NonNull::new(raw).unwrap_or_else(|| alloc::handle_alloc_error(layout));
         TestBuffer { ptr, layout }
     }
@@ -207,8 +212,14 @@ impl TestBuffer {
 
 impl Drop for TestBuffer {
     fn drop(&mut self) {
-        // SAFETY: `ptr` was returned by `alloc_zeroed` with exactly `layout` and is freed once.
-        unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) };
+        match crate::arena::get() {
+            Some(arena) if arena.contains(self.ptr.as_ptr()) => {
+                arena.free(self.ptr.as_ptr(), self.len())
+            }
+            // SAFETY: `ptr` was returned by `alloc_zeroed` with exactly `layout` (the arena was
+            // not the allocator: it does not contain `ptr`) and is freed once.
+            _ => unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) },
+        }
     }
 }
 

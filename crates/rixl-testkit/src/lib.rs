@@ -32,10 +32,12 @@
 //!
 //! ## What the suite assumes
 //!
-//! - DRAM in this process. Every case moves host memory ([`TestBuffer`]) between agents that
-//!   live in the test process: one agent targeting itself (NIXL's loopback) and two agents
-//!   talking through the backend's remote path. Storage backends (FILE, OBJ, BLK targets) need
-//!   their own cases on top of this suite.
+//! - DRAM. Every case moves host memory ([`TestBuffer`]): one agent targeting itself (NIXL's
+//!   loopback), and an initiator talking to a target through the backend's remote path. The
+//!   target lives in the test process, or, with
+//!   [`cross_process_conformance_tests!`], in a peer process that maps the test buffers at the
+//!   same addresses (see [`remote`]); there, "the peer dies" means SIGKILL. Storage backends
+//!   (FILE, OBJ, BLK targets) need their own cases on top of this suite.
 //! - No timing. Nothing asserts how long anything takes; waits are bounded by
 //!   [`Harness::timeout`] only so that a broken backend fails instead of hanging.
 //! - RIXL's default configuration. `NIXL_TELEMETRY_ENABLE` (telemetry cases; agent creation
@@ -50,9 +52,11 @@
 
 #![warn(missing_docs)]
 
+mod arena;
 mod buffer;
 pub mod cases;
 pub mod peer;
+pub mod remote;
 mod support;
 
 use std::time::Duration;
@@ -60,6 +64,7 @@ use std::time::Duration;
 use rixl::{Agent, AgentConfig, Params};
 
 pub use buffer::{assert_bytes_eq, pattern, pattern_byte, TestBuffer};
+pub use remote::{CrossProcess, RemoteAgent, TargetAgent};
 pub use support::{block_on, dram_list, eventually, unique_name, Rng};
 
 /// How to make agents for the backend under test, and what the backend can do.
@@ -103,6 +108,17 @@ pub trait Harness: Sync {
             "NIXL_TELEMETRY_ENABLE overrides the suite's telemetry setting; unset it"
         );
         agent
+    }
+
+    /// A new agent to be the target of a case's requests. By default an agent in this process
+    /// ([`Harness::new_agent_with`]); [`CrossProcess`] puts it in a peer process.
+    fn new_target(&self, name: &str, telemetry: bool) -> Box<dyn TargetAgent> {
+        Box::new(self.new_agent_with(name, telemetry))
+    }
+
+    /// Targets made by [`Harness::new_target`] live in another process.
+    fn cross_process(&self) -> bool {
+        false
     }
 
     /// The backend reaches other agents (two-agent cases run).
@@ -323,6 +339,8 @@ macro_rules! __with_cases {
             peer_death_remote_disconnect,
             peer_death_with_lingering_handles,
             peer_death_send_notif,
+            peer_death_mid_transfer,
+            idle_peer_death_invalidates,
             many_threads_self,
             many_threads_remote,
             async_completion,

@@ -22,9 +22,9 @@ use std::sync::{Arc, OnceLock, Weak};
 use parking_lot::{Mutex, RwLock};
 use rixl_core::codec::{Reader, Writer};
 use rixl_core::{
-    Backend, BackendContext, BackendFactory, BackendXfer, Capabilities, CompletionHandle,
-    CostEstimate, CostMethod, Desc, Error, LocalRegion, MemType, NotifSender, Params, PostOutcome,
-    RegDesc, Result, SegmentVec, XferOp, XferSpec,
+    AgentHooks, Backend, BackendContext, BackendFactory, BackendXfer, Capabilities,
+    CompletionHandle, CostEstimate, CostMethod, Desc, Error, LocalRegion, MemType, NotifSender,
+    Params, PostOutcome, RegDesc, Result, SegmentVec, XferOp, XferSpec,
 };
 
 /// The backend's name.
@@ -52,6 +52,8 @@ fn create(ctx: BackendContext) -> Result<Arc<dyn Backend>> {
         notifs: ctx.notifs.clone(),
         regions: RwLock::new(HashMap::new()),
         closed: AtomicBool::new(false),
+        peers: Mutex::new(HashMap::new()),
+        hooks: ctx.hooks.clone(),
     });
     let instance = NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed);
     instances()
@@ -61,7 +63,6 @@ fn create(ctx: BackendContext) -> Result<Arc<dyn Backend>> {
         instance,
         endpoint: shared,
         next_token: AtomicU64::new(1),
-        peers: Mutex::new(HashMap::new()),
         params: ctx.params,
     }))
 }
@@ -76,6 +77,11 @@ struct Endpoint {
     regions: RwLock<HashMap<u64, (u64, u64)>>,
     /// Set when the owning agent is dropped.
     closed: AtomicBool,
+    /// Peer agent name → its backend instance in this process. Here rather than in
+    /// [`Loopback`] so that a dying instance can find the agents that know it.
+    peers: Mutex<HashMap<String, u64>>,
+    /// The owning agent, told when a peer it knows is dropped.
+    hooks: Weak<dyn AgentHooks>,
 }
 
 static NEXT_INSTANCE: AtomicU64 = AtomicU64::new(1);
@@ -95,8 +101,6 @@ pub struct Loopback {
     instance: u64,
     endpoint: Arc<Endpoint>,
     next_token: AtomicU64,
-    /// Peer agent name → its backend instance in this process.
-    peers: Mutex<HashMap<String, u64>>,
     params: Params,
 }
 
@@ -127,7 +131,7 @@ fn decode_conn(info: &[u8]) -> Result<(u32, u64)> {
 
 impl Loopback {
     fn peer_endpoint(&self, peer: &str) -> Result<Arc<Endpoint>> {
-        let inst = *self.peers.lock().get(peer).ok_or_else(|| {
+        let inst = *self.endpoint.peers.lock().get(peer).ok_or_else(|| {
             Error::not_found(format!("no LOOPBACK connection info for agent {peer:?}"))
         })?;
         lookup(inst).ok_or_else(|| {
@@ -207,12 +211,12 @@ impl Backend for Loopback {
                 "agent {peer:?} lives in process {pid}; LOOPBACK only reaches agents in this process"
             )));
         }
-        self.peers.lock().insert(peer.to_owned(), inst);
+        self.endpoint.peers.lock().insert(peer.to_owned(), inst);
         Ok(())
     }
 
     fn disconnect(&self, peer: &str) {
-        self.peers.lock().remove(peer);
+        self.endpoint.peers.lock().remove(peer);
     }
 
     fn connect(&self, peer: &str) -> Result<()> {
@@ -222,6 +226,22 @@ impl Backend for Loopback {
     fn shutdown(&self) {
         self.endpoint.closed.store(true, Ordering::Release);
         instances().write().remove(&self.instance);
+        // Tell the agents that know this one, as a socket's end-of-stream tells SHM and TCP
+        // peers: their entries are invalidated now, not at their next post. Collected first,
+        // because the hook calls back into their `disconnect`.
+        let survivors: Vec<Arc<Endpoint>> = instances()
+            .read()
+            .values()
+            .filter_map(Weak::upgrade)
+            .filter(|e| e.peers.lock().get(&self.endpoint.agent) == Some(&self.instance))
+            .collect();
+        let gone = Error::remote_disconnect(format!("agent {:?} was dropped", self.endpoint.agent))
+            .with_backend(NAME);
+        for e in survivors {
+            if let Some(agent) = e.hooks.upgrade() {
+                agent.peer_lost(&self.endpoint.agent, &gone);
+            }
+        }
     }
 
     fn prepare_xfer(&self, spec: XferSpec<'_>) -> Result<Box<dyn BackendXfer>> {

@@ -1,6 +1,7 @@
 //! The RIXL conformance suite run on the `TCP` backend, with both agents in this process talking
 //! over loopback TCP (the same listener, server threads, wire format and range checks as two
-//! hosts). `tcp_two_process.rs` covers what needs a real second process.
+//! hosts), and once more with every case's target in a peer process (`cross_process`).
+//! `tcp_edge_cases.rs` adds TCP-only cases (hostile raw frames, frozen targets, striped cancel).
 //!
 //! `target_checks_deregistration` is true: the TCP target serves every byte itself and checks
 //! each range against its own live registrations, so a write into memory it deregistered is
@@ -8,19 +9,42 @@
 
 #![cfg(feature = "tcp")]
 
-rixl_testkit::conformance_tests!(rixl_testkit::BackendHarness::new("TCP")
-    .remote(true)
-    .local(false)
-    .notif(true)
-    .estimates_cost(true)
-    .query_mem(false)
-    .target_checks_deregistration(true));
+fn harness() -> rixl_testkit::BackendHarness {
+    rixl_testkit::BackendHarness::new("TCP")
+        .remote(true)
+        .local(false)
+        .notif(true)
+        .estimates_cost(true)
+        .query_mem(false)
+        .target_checks_deregistration(true)
+}
+
+rixl_testkit::conformance_tests!(harness());
+
+/// Every case again with its target agent in a peer process talking over loopback TCP.
+mod cross_process {
+    rixl_testkit::cross_process_conformance_tests!(super::harness());
+}
 
 /// The suite again with every transfer striped: four connections, 4 KiB chunks and no minimum
 /// size, so that even one-page posts take the multi-connection path with counted parts and
 /// notifications that wait for all of them, and `connections = 1` for the single-stream path.
 mod striped {
     rixl_testkit::conformance_tests!(rixl_testkit::BackendHarness::new("TCP")
+        .param("connections", "4")
+        .param("stripe_min_bytes", "0")
+        .param("chunk_bytes", "4096")
+        .remote(true)
+        .local(false)
+        .notif(true)
+        .estimates_cost(true)
+        .query_mem(false)
+        .target_checks_deregistration(true));
+}
+
+/// Striped, with the target in a peer process.
+mod striped_cross_process {
+    rixl_testkit::cross_process_conformance_tests!(rixl_testkit::BackendHarness::new("TCP")
         .param("connections", "4")
         .param("stripe_min_bytes", "0")
         .param("chunk_bytes", "4096")

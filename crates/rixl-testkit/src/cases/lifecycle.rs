@@ -96,12 +96,22 @@ fn peer_death(h: &dyn Harness, lingering: bool) {
     // Handles of the dying agent itself that outlive it.
     let mut kept = Vec::new();
     if lingering {
-        reg(&b, &[&own]);
-        let bl = b
-            .prep_xfer_dlist(rixl::INIT_AGENT, &xlist(vec![own.whole()]), &[])
-            .expect("the peer's own prepared list");
-        kept.push(bl);
+        reg(b.as_ref(), &[&own]);
+        match b.as_local() {
+            Some(local) => kept.push(
+                local
+                    .prep_xfer_dlist(rixl::INIT_AGENT, &xlist(vec![own.whole()]), &[])
+                    .expect("the peer's own prepared list"),
+            ),
+            // A process's handles die with it; its registration is what lingers.
+            None => skip(
+                h,
+                "peer_death_with_lingering_handles",
+                "handles of a target in another process cannot outlive it",
+            ),
+        }
     }
+    // In a peer process this is SIGKILL: the target dies without a goodbye.
     drop(b);
     src.fill_pattern(85);
     let first = expect_err_in(
@@ -162,6 +172,84 @@ pub fn peer_death_with_lingering_handles(h: &dyn Harness) {
     peer_death(h, true);
 }
 
+/// A target that dies while a large WRITE or READ is in flight: the post ends (done before the
+/// death, or `RemoteDisconnect` / `NotFound`) instead of hanging, later posts fail, the entry is
+/// invalidated, and the initiator keeps working. Under a cross-process harness the target is
+/// killed with SIGKILL in the middle of the copy.
+pub fn peer_death_mid_transfer(h: &dyn Harness) {
+    if !h.remote() {
+        return skip(h, "peer_death_mid_transfer", "not remote-capable");
+    }
+    const LEN: usize = 64 << 20;
+    let src = TestBuffer::with_pattern(LEN, 88);
+    let dst = TestBuffer::new(LEN);
+    for op in [XferOp::Write, XferOp::Read] {
+        let p = Pair::setup(h, Mode::TwoAgents, &[&src], &[&dst]);
+        let Pair { a, b } = p;
+        let b = b.expect("two agents");
+        let bn = b.name().to_owned();
+        let req = a
+            .create_xfer_req(
+                op,
+                &xlist(vec![src.whole()]),
+                &xlist(vec![dst.whole()]),
+                &bn,
+                &XferOptions::default(),
+            )
+            .expect("create");
+        let first = req.post();
+        drop(b);
+        let ended = first.and_then(|s| match s {
+            XferStatus::Done => Ok(XferStatus::Done),
+            XferStatus::InProgress => req.wait(Some(h.timeout())),
+        });
+        if let Err(e) = ended {
+            assert!(
+                matches!(e.kind(), ErrorKind::RemoteDisconnect | ErrorKind::NotFound),
+                "{op} in flight when the peer died: {e}"
+            );
+        }
+        expect_err_in(
+            run(h, &req),
+            &[ErrorKind::RemoteDisconnect, ErrorKind::NotFound],
+            &format!("{op} posted after the peer died"),
+        );
+        assert!(
+            crate::eventually(h.timeout(), || !a.check_remote_metadata(&bn, None)),
+            "{op}: the dead peer's entry was not invalidated"
+        );
+        drop(req);
+        smoke(h, &a);
+    }
+}
+
+/// A peer that dies while idle (connected, nothing in flight) is noticed by the backend on its
+/// own, without a post: its entry is invalidated. Prints how long that took.
+pub fn idle_peer_death_invalidates(h: &dyn Harness) {
+    if !h.remote() {
+        return skip(h, "idle_peer_death_invalidates", "not remote-capable");
+    }
+    let a = agent(h, "idle-a");
+    let b = target(h, "idle-b");
+    let bn = b.name().to_owned();
+    a.load_remote_metadata(&b.local_metadata().expect("metadata"))
+        .expect("load");
+    a.make_connection(&bn, &[]).expect("make_connection");
+    let died = Instant::now();
+    drop(b);
+    assert!(
+        crate::eventually(h.timeout(), || !a.check_remote_metadata(&bn, None)),
+        "the idle peer's death was not noticed within {:?}",
+        h.timeout()
+    );
+    eprintln!(
+        "rixl-testkit: idle_peer_death_invalidates: {} noticed the death after {:?}",
+        h.backend(),
+        died.elapsed()
+    );
+    smoke(h, &a);
+}
+
 /// `send_notif` and `make_connection` to a dead peer report `RemoteDisconnect` and invalidate
 /// its entry (NIXL-API §2.2: the remote entry is invalidated automatically).
 pub fn peer_death_send_notif(h: &dyn Harness) {
@@ -169,8 +257,8 @@ pub fn peer_death_send_notif(h: &dyn Harness) {
         return skip(h, "peer_death_send_notif", "not remote-capable");
     }
     let a = agent(h, "death-notif-a");
-    let b = agent(h, "death-notif-b");
-    let c = agent(h, "death-notif-c");
+    let b = target(h, "death-notif-b");
+    let c = target(h, "death-notif-c");
     let (bn, cn) = (b.name().to_owned(), c.name().to_owned());
     for peer in [&b, &c] {
         a.load_remote_metadata(&peer.local_metadata().expect("metadata"))
@@ -241,7 +329,7 @@ pub fn many_threads_self(h: &dyn Harness) {
         for (t, (src, dst)) in bufs.iter().enumerate() {
             let a = Arc::clone(&a);
             s.spawn(move || {
-                reg(&a, &[src, dst]);
+                reg(&*a, &[src, dst]);
                 let lp = a
                     .prep_xfer_dlist(rixl::INIT_AGENT, &xlist(pages(src, 4096, 0..PAGES)), &[])
                     .expect("prep local");
@@ -279,7 +367,7 @@ pub fn many_threads_self(h: &dyn Harness) {
                     );
                 }
                 drop((lp, rp));
-                dereg(&a, &[src, dst]);
+                dereg(&*a, &[src, dst]);
             });
         }
     });
@@ -313,8 +401,8 @@ pub fn many_threads_remote(h: &dyn Harness) {
         for (t, (src, dst)) in bufs.iter().enumerate() {
             let (a, b) = (Arc::clone(&a), Arc::clone(&b));
             s.spawn(move || {
-                reg(&a, &[src]);
-                reg(&b, &[dst]);
+                reg(&*a, &[src]);
+                reg(&*b, &[dst]);
                 let blob = b
                     .local_partial_metadata(&dst.reg_list(), true, &[])
                     .expect("partial metadata");
@@ -344,7 +432,7 @@ pub fn many_threads_remote(h: &dyn Harness) {
                         &format!("thread {t}, iteration {it}"),
                     );
                 }
-                dereg(&a, &[src]);
+                dereg(&*a, &[src]);
             });
         }
     });
@@ -354,7 +442,7 @@ pub fn many_threads_remote(h: &dyn Harness) {
         "partial loads kept the generation"
     );
     if h.notif() {
-        let got = collect_notifs(h, &b, THREADS * ITERS);
+        let got = collect_notifs(h, &*b, THREADS * ITERS);
         for t in 0..THREADS {
             let mine: Vec<String> = got
                 .iter()
@@ -490,7 +578,7 @@ pub fn make_connection(h: &dyn Harness) {
     if !h.remote() {
         return skip(h, "make_connection", "not remote-capable (peer part)");
     }
-    let b = agent(h, "conn-b");
+    let b = target(h, "conn-b");
     a.load_remote_metadata(&b.local_metadata().expect("metadata"))
         .expect("load");
     a.make_connection(b.name(), &[]).expect("make_connection");

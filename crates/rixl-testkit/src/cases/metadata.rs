@@ -74,7 +74,7 @@ pub fn garbage_metadata_mismatch(h: &dyn Harness) {
     let src = TestBuffer::with_pattern(4096, 61);
     let dst = TestBuffer::new(4096);
     let a = agent(h, "garbage-a");
-    let b = agent(h, "garbage-b");
+    let b = target(h, "garbage-b");
     reg(&a, &[&src]);
     reg(&b, &[&dst]);
     let blob = b.local_metadata().expect("metadata");
@@ -125,7 +125,7 @@ pub fn mutated_metadata_never_panics(h: &dyn Harness) {
     let dst = TestBuffer::new(4096);
     let dst2 = TestBuffer::new(8192);
     let a = agent(h, "mutate-a");
-    let b = agent(h, "mutate-b");
+    let b = target(h, "mutate-b");
     reg(&a, &[&src]);
     reg(&b, &[&dst, &dst2]);
     let blob = b.local_metadata().expect("metadata");
@@ -272,7 +272,7 @@ pub fn partial_metadata_flow(h: &dyn Harness) {
     let t2 = TestBuffer::new(4096);
     let t3 = TestBuffer::new(4096);
     let a = agent(h, "partial-a");
-    let b = agent(h, "partial-b");
+    let b = target(h, "partial-b");
     reg(&a, &[&src]);
     reg(&b, &[&t1, &t2, &t3]);
     let bn = b.name();
@@ -376,7 +376,7 @@ pub fn partial_descs_before_conn_not_found(h: &dyn Harness) {
         return;
     }
     let t = TestBuffer::new(4096);
-    let b = agent(h, "noconn-b");
+    let b = target(h, "noconn-b");
     let c = agent(h, "noconn-c");
     reg(&b, &[&t]);
     let regions = b
@@ -416,7 +416,7 @@ pub fn partial_sub_range_not_found(h: &dyn Harness) {
     }
     let t = TestBuffer::new(8192);
     let never = TestBuffer::new(4096);
-    let b = agent(h, "subrange");
+    let b = target(h, "subrange");
     reg(&b, &[&t]);
     let sub = reg_pieces(&[(&t, 0, 4096)]);
     for inc in [false, true] {
@@ -450,7 +450,7 @@ pub fn check_remote_metadata_never_fails(h: &dyn Harness) {
     let t = TestBuffer::new(16 * 1024);
     let never = TestBuffer::new(4096);
     let a = agent(h, "check-a");
-    let b = agent(h, "check-b");
+    let b = target(h, "check-b");
     try_reg(&b, &reg_pieces(&[(&t, 0, 8192), (&t, 8192, 8192)])).expect("registrations");
     assert!(!a.check_remote_metadata("no-such-agent", None));
     assert!(!a.check_remote_metadata(a.name(), None));

@@ -33,7 +33,7 @@ use rixl::{
     Result, XferDescList, XferOp, XferOptions, XferRequest, XferStatus,
 };
 
-use crate::{assert_bytes_eq, unique_name, Harness, TestBuffer};
+use crate::{assert_bytes_eq, unique_name, Harness, TargetAgent, TestBuffer};
 
 /// Where the initiator's requests go.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -87,6 +87,12 @@ pub(crate) fn agent(h: &dyn Harness, prefix: &str) -> Agent {
     h.new_agent(&unique_name(prefix))
 }
 
+/// A new agent to send requests to, telemetry on, with a unique name: in this process, or in a
+/// peer process under a cross-process harness.
+pub(crate) fn target(h: &dyn Harness, prefix: &str) -> Box<dyn TargetAgent> {
+    h.new_target(&unique_name(prefix), true)
+}
+
 /// An agent without any backend.
 pub(crate) fn bare_agent(prefix: &str) -> Agent {
     Agent::new(&unique_name(prefix), AgentConfig::default()).expect("agent without backends")
@@ -103,9 +109,9 @@ pub(crate) fn try_reg_with(agent: &Agent, list: &RegDescList, backends: &[&str])
     unsafe { agent.register_mem(list, backends) }
 }
 
-/// Registers `list` with every backend.
-pub(crate) fn try_reg(agent: &Agent, list: &RegDescList) -> Result<()> {
-    try_reg_with(agent, list, &[])
+/// Registers `list` with every backend of `agent`, in this process or a peer process.
+pub(crate) fn try_reg(agent: &dyn TargetAgent, list: &RegDescList) -> Result<()> {
+    agent.register(list, &[])
 }
 
 /// A DRAM registration list of whole buffers.
@@ -126,7 +132,7 @@ pub(crate) fn reg_pieces(pieces: &[(&TestBuffer, usize, usize)]) -> RegDescList 
 
 /// Registers whole buffers; panics on failure.
 #[track_caller]
-pub(crate) fn reg(agent: &Agent, bufs: &[&TestBuffer]) {
+pub(crate) fn reg(agent: &dyn TargetAgent, bufs: &[&TestBuffer]) {
     if let Err(e) = try_reg(agent, &reg_list(bufs)) {
         panic!("registering {} buffer(s) failed: {e}", bufs.len());
     }
@@ -134,8 +140,8 @@ pub(crate) fn reg(agent: &Agent, bufs: &[&TestBuffer]) {
 
 /// Deregisters whole buffers; panics on failure.
 #[track_caller]
-pub(crate) fn dereg(agent: &Agent, bufs: &[&TestBuffer]) {
-    if let Err(e) = agent.deregister_mem(&reg_list(bufs), &[]) {
+pub(crate) fn dereg(agent: &dyn TargetAgent, bufs: &[&TestBuffer]) {
+    if let Err(e) = agent.deregister(&reg_list(bufs), &[]) {
         panic!("deregistering {} buffer(s) failed: {e}", bufs.len());
     }
 }
@@ -245,7 +251,11 @@ pub(crate) fn expect_err<T>(r: Result<T>, kind: ErrorKind, what: &str) -> Error 
 /// Collects exactly `n` notifications on `agent`, waiting up to the harness's timeout, and
 /// checks that no more than `n` have arrived.
 #[track_caller]
-pub(crate) fn collect_notifs(h: &dyn Harness, agent: &Agent, n: usize) -> Vec<Notification> {
+pub(crate) fn collect_notifs(
+    h: &dyn Harness,
+    agent: &dyn TargetAgent,
+    n: usize,
+) -> Vec<Notification> {
     let deadline = Instant::now() + h.timeout();
     let mut got: Vec<Notification> = Vec::new();
     loop {
@@ -282,10 +292,11 @@ pub(crate) fn summary(n: &[Notification]) -> Vec<(String, String)> {
         .collect()
 }
 
-/// An initiator `a` and, in two-agent mode, a target `b` that `a` has metadata for.
+/// An initiator `a` and, in two-agent mode, a target `b` that `a` has metadata for. `b` lives in
+/// a peer process when the harness is [`CrossProcess`](crate::CrossProcess).
 pub(crate) struct Pair {
     pub a: Agent,
-    pub b: Option<Agent>,
+    pub b: Option<Box<dyn TargetAgent>>,
 }
 
 impl Pair {
@@ -299,7 +310,7 @@ impl Pair {
         let a = h.new_agent_with(&unique_name("init"), telemetry);
         let b = match mode {
             Mode::SelfTarget => None,
-            Mode::TwoAgents => Some(h.new_agent_with(&unique_name("target"), telemetry)),
+            Mode::TwoAgents => Some(h.new_target(&unique_name("target"), telemetry)),
         };
         Pair { a, b }
     }
@@ -324,8 +335,11 @@ impl Pair {
     }
 
     /// The agent requests go to.
-    pub fn target(&self) -> &Agent {
-        self.b.as_ref().unwrap_or(&self.a)
+    pub fn target(&self) -> &dyn TargetAgent {
+        match &self.b {
+            Some(b) => b.as_ref(),
+            None => &self.a,
+        }
     }
 
     /// The target's name as requests name it.
@@ -406,7 +420,7 @@ pub(crate) fn smoke(h: &dyn Harness, agent: &Agent) {
         dereg(agent, &[&src, &dst]);
     } else if h.remote() {
         let peer = crate::support::unique_name("smoke-peer");
-        let peer = h.new_agent(&peer);
+        let peer = h.new_target(&peer, true);
         reg(agent, &[&src]);
         reg(&peer, &[&dst]);
         agent

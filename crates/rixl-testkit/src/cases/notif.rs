@@ -20,7 +20,7 @@ fn needs_notif(h: &dyn Harness, case: &str) -> Vec<Mode> {
 
 /// Asserts that exactly the given messages arrive at the target, from `from`, in order.
 #[track_caller]
-fn expect_msgs(h: &dyn Harness, target: &Agent, from: &str, msgs: &[&[u8]], what: &str) {
+fn expect_msgs(h: &dyn Harness, target: &dyn TargetAgent, from: &str, msgs: &[&[u8]], what: &str) {
     let got = collect_notifs(h, target, msgs.len());
     let want: Vec<(String, String)> = msgs
         .iter()
@@ -279,7 +279,7 @@ pub fn send_notif_self_and_peer(h: &dyn Harness) {
         );
     }
     if h.remote() {
-        let b = agent(h, "notif-b");
+        let b = target(h, "notif-b");
         a.load_remote_metadata(&b.local_metadata().expect("metadata"))
             .expect("load");
         a.send_notif(b.name(), b"hello", None).expect("send_notif");

@@ -1,0 +1,103 @@
+//! `SHM`-only cases on top of the conformance suite (which `conformance_shm.rs` runs in one
+//! process and across two, including peers killed mid-transfer and while idle): garbage on the
+//! control socket, and connection info from another host.
+
+#![cfg(feature = "shm")]
+
+use std::time::Duration;
+
+use rixl::{Agent, AgentConfig, ErrorKind, XferOp, XferOptions};
+use rixl_testkit::{pattern, unique_name, TestBuffer};
+
+fn initiator(buf: &TestBuffer) -> Agent {
+    let a = Agent::new(
+        &unique_name("shm-ini"),
+        AgentConfig::default().backend("SHM"),
+    )
+    .unwrap();
+    // SAFETY: every buffer passed here is created before its agent and outlives it.
+    unsafe { a.register_mem(&buf.reg_list(), &[]).unwrap() };
+    a
+}
+
+use rixl_testkit::dram_list as list;
+
+#[test]
+fn garbage_on_the_control_socket_is_harmless() {
+    use std::io::Write;
+    let dir = std::env::temp_dir().join(unique_name("shm-sock"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut params = rixl::Params::new();
+    params.insert("socket_dir".into(), dir.to_string_lossy().into_owned());
+    let buf = TestBuffer::new(8192);
+    let target = Agent::new(
+        &unique_name("shm-t"),
+        AgentConfig::default().backend_with("SHM", params),
+    )
+    .unwrap();
+    // SAFETY: `buf` outlives `target`.
+    unsafe { target.register_mem(&buf.reg_list(), &[]).unwrap() };
+    let sock = std::fs::read_dir(&dir)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let garbage: [&[u8]; 4] = [
+        b"\xff\xff\xff\xff\x02",             // huge length
+        b"\x05\x00\x00\x00\x07hello",        // unknown kind
+        b"\x03\x00\x00\x00\x01\xc3\x28\x00", // hello with invalid UTF-8
+        b"\x01\x00\x00\x00\x02x",            // notification before hello
+    ];
+    for g in garbage {
+        let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        let _ = s.write_all(g);
+    }
+    // Still serving: a real initiator moves data and a notification.
+    let src = TestBuffer::with_pattern(4096, 9);
+    let a = initiator(&src);
+    a.load_remote_metadata(&target.local_metadata().unwrap())
+        .unwrap();
+    let r = a
+        .create_xfer_req(
+            XferOp::Write,
+            &list(vec![src.whole()]),
+            &list(vec![buf.desc(0, 4096)]),
+            target.name(),
+            &XferOptions::with_notif("ok"),
+        )
+        .unwrap();
+    r.post().unwrap();
+    r.wait(Some(Duration::from_secs(10))).unwrap();
+    assert!(target.wait_notif(Duration::from_secs(10)));
+    let n = target.get_notifs(&[]).unwrap();
+    assert_eq!(n.len(), 1, "garbage frames produced notifications: {n:?}");
+    assert_eq!(n[0].msg, b"ok");
+    buf.assert_range(0, &pattern(9, 0, 4096), "data after garbage");
+    drop(a);
+    drop(target);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn another_host_is_not_reachable_through_shm() {
+    // Forge a peer blob whose SHM connection info names another boot id.
+    let other = Agent::new(
+        &unique_name("shm-far"),
+        AgentConfig::default().backend("SHM"),
+    )
+    .unwrap();
+    let mut md = rixl::core::AgentMetadata::decode(&other.local_metadata().unwrap()).unwrap();
+    let mut info = rixl_shm::ConnInfo::decode(&md.conn[0].info).unwrap();
+    info.host.boot_id = "00000000-0000-0000-0000-000000000000".into();
+    md.conn[0].info = info.encode();
+    md.agent = unique_name("shm-elsewhere");
+    let buf = TestBuffer::new(64);
+    let a = initiator(&buf);
+    let e = a.load_remote_metadata(&md.encode()).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Backend, "{e}");
+    assert!(
+        e.to_string().contains("no backend of this agent can reach"),
+        "{e}"
+    );
+}
