@@ -300,6 +300,12 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// backend thread to be scheduled. Default: nothing (the backend delivers on its own).
     fn poll_notifs(&self) {}
 
+    /// A thread starts (`true`) or stops (`false`) watching for notifications by calling
+    /// [`Backend::poll_notifs`] in a loop. Backends that can skip waking a thread of theirs
+    /// while someone watches (SHM's notification ring) count these; after the last `false`
+    /// they deliver whatever arrived meanwhile before returning. Calls come in pairs.
+    fn attend_notifs(&self, _on: bool) {}
+
     /// Reports on registrations that may not exist yet (files, objects): one entry per
     /// descriptor, `None` where the target does not exist.
     fn query_mem(&self, _mem: MemType, _descs: &[RegDesc]) -> Result<Vec<Option<Params>>> {

@@ -83,16 +83,18 @@ impl NotifQueue {
     /// Blocks until a notification accepted by `filter` is queued or `timeout` passes; returns
     /// whether one is there. Does not remove anything.
     pub fn wait(&self, timeout: Duration, filter: impl FnMut(usize) -> bool) -> bool {
-        self.wait_with(timeout, filter, || {})
+        self.wait_with(timeout, filter, || {}, || {})
     }
 
     /// Like [`NotifQueue::wait`], calling `progress` while spinning (to let backends deliver
-    /// what has arrived without waiting for their own threads).
+    /// what has arrived without waiting for their own threads), and `before_sleep` once if the
+    /// spin phase ends empty-handed, before blocking (it may still deliver).
     pub fn wait_with(
         &self,
         timeout: Duration,
         mut filter: impl FnMut(usize) -> bool,
         mut progress: impl FnMut(),
+        before_sleep: impl FnOnce(),
     ) -> bool {
         let start = Instant::now();
         let spin = SPIN.min(timeout);
@@ -110,6 +112,7 @@ impl NotifQueue {
             // notification (a backend's reader) needs this core.
             std::thread::yield_now();
         }
+        before_sleep();
         let deadline = start.checked_add(timeout);
         let mut q = self.queue.lock();
         loop {

@@ -1,7 +1,7 @@
 //! Frames on the per-peer Unix socket: `[u32 LE payload length][u8 kind][payload]`.
 //!
-//! The socket only carries control traffic (who I am, notifications, goodbye); data never
-//! crosses it. Every frame from a peer is untrusted: lengths are bounded before anything is
+//! The socket only carries control traffic (who I am, the notification ring, notifications too
+//! large for the ring, doorbells, goodbye); data never crosses it. Every frame from a peer is untrusted: lengths are bounded before anything is
 //! allocated and unknown kinds end the connection.
 
 use std::io::{self, Write};
@@ -18,6 +18,14 @@ pub enum Kind {
     Notif = 2,
     /// The sender closes on purpose (it dropped our metadata); not a failure.
     Bye = 3,
+    /// Nothing but a wake-up: records wait in the notification ring.
+    Doorbell = 4,
+    /// After the hello: the sender's notification ring, `[u32 fd][u64 data bytes]` (LE), to
+    /// open through `/proc/<sender pid>/fd/<fd>`.
+    Ring = 5,
+    /// The receiver's answer to `Ring` (the only frame that travels back): one byte, 1 if it
+    /// mapped the ring, 0 if notifications must stay on the socket.
+    RingAck = 6,
 }
 
 impl Kind {
@@ -26,6 +34,9 @@ impl Kind {
             1 => Some(Kind::Hello),
             2 => Some(Kind::Notif),
             3 => Some(Kind::Bye),
+            4 => Some(Kind::Doorbell),
+            5 => Some(Kind::Ring),
+            6 => Some(Kind::RingAck),
             _ => None,
         }
     }

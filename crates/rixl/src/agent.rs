@@ -498,21 +498,43 @@ impl Agent {
     /// ones), in arrival order.
     pub fn get_notifs(&self, backends: &[&str]) -> Result<Vec<Notification>> {
         let filter = self.inner.notif_filter(backends)?;
+        // Take what already arrived (SHM's ring: one atomic load per peer when empty), so
+        // that a caller polling in a loop does not wait for a backend thread to wake up.
+        for s in self.notif_slots() {
+            s.backend.poll_notifs();
+        }
         Ok(self.inner.notifs.drain(|b| filter.allows(b)))
     }
 
-    /// Blocks until a notification is available or `timeout` passes, without consuming it.
-    /// Returns whether one is available.
-    pub fn wait_notif(&self, timeout: Duration) -> bool {
-        let slots: Vec<BackendSlot> = self
-            .inner
+    fn notif_slots(&self) -> Vec<BackendSlot> {
+        self.inner
             .backends
             .read()
             .iter()
             .filter(|s| s.caps.notif)
             .cloned()
-            .collect();
-        self.inner.notifs.wait_with(
+            .collect()
+    }
+
+    /// Blocks until a notification is available or `timeout` passes, without consuming it.
+    /// Returns whether one is available.
+    pub fn wait_notif(&self, timeout: Duration) -> bool {
+        let slots = self.notif_slots();
+        // While this thread spins it watches the backends itself, so they need not wake
+        // their own threads (SHM senders skip the doorbell); it stops watching before it
+        // sleeps, or when it is done.
+        let attending = std::cell::Cell::new(true);
+        let stop_attending = || {
+            if attending.replace(false) {
+                for s in &slots {
+                    s.backend.attend_notifs(false);
+                }
+            }
+        };
+        for s in &slots {
+            s.backend.attend_notifs(true);
+        }
+        let got = self.inner.notifs.wait_with(
             timeout,
             |_| true,
             || {
@@ -520,7 +542,10 @@ impl Agent {
                     s.backend.poll_notifs();
                 }
             },
-        )
+            stop_attending,
+        );
+        stop_attending();
+        got
     }
 
     /// Drains the notifications and groups them by sender (NIXL's `getNotifs` shape).
