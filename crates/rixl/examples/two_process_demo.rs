@@ -107,6 +107,33 @@ fn wait_reply(agent: &Agent) -> rixl::Result<Vec<u8>> {
     }
 }
 
+/// Median time of one bare `process_vm_writev` of `len` bytes from `src` to `dst` in process
+/// `pid`: the floor under any post-to-complete latency of SHM, printed next to it.
+fn bare_write_latency(pid: u32, src: *const u8, dst: u64, len: usize) -> u64 {
+    let local = libc::iovec {
+        iov_base: src as *mut libc::c_void,
+        iov_len: len,
+    };
+    let remote = libc::iovec {
+        iov_base: dst as usize as *mut libc::c_void,
+        iov_len: len,
+    };
+    let mut lat = Vec::with_capacity(20000);
+    for i in 0..21000 {
+        let t = Instant::now();
+        // SAFETY: reads `len` bytes of our own buffer at `src` (the caller's live KV cache) and
+        // writes the decode worker's registered KV cache, which it is not reading right now.
+        let n = unsafe { libc::process_vm_writev(pid as libc::pid_t, &local, 1, &remote, 1, 0) };
+        if n != len as isize {
+            return 0;
+        }
+        if i >= 1000 {
+            lat.push(t.elapsed().as_nanos() as u64);
+        }
+    }
+    percentiles(lat).0
+}
+
 fn percentiles(mut v: Vec<u64>) -> (u64, u64) {
     v.sort_unstable();
     (v[v.len() / 2], v[v.len() * 99 / 100])
@@ -295,6 +322,11 @@ fn prefill_worker() -> rixl::Result<()> {
         "4 KiB post-to-complete: p50 {:.2} us, p99 {:.2} us",
         p50 as f64 / 1e3,
         p99 as f64 / 1e3
+    );
+    let floor = bare_write_latency(child.0.id(), kv.as_ptr(), peer_md.0, 4096);
+    println!(
+        "  (the same 4 KiB by one bare process_vm_writev, no RIXL: p50 {:.2} us)",
+        floor as f64 / 1e3
     );
 
     // Idle CPU on both sides.
