@@ -38,9 +38,31 @@ pub struct Args {
     /// Target memory: DRAM (VRAM needs a GPU); POSIX always targets FILE.
     #[arg(long, default_value = "DRAM")]
     pub target_seg_type: String,
-    /// pairwise (manytoone, onetomany and tp are not supported yet).
+    /// pairwise (one initiator, one target), manytoone (--num_initiator_dev initiators, one
+    /// target) or onetomany (one initiator, --num_target_dev targets); SHM and TCP only for the
+    /// last two. tp is not supported.
     #[arg(long, default_value = "pairwise")]
     pub scheme: String,
+    /// manytoone: number of initiators (agents of this process, each with its own thread(s),
+    /// connections and region of the target buffer).
+    #[arg(long, default_value_t = 1)]
+    pub num_initiator_dev: u64,
+    /// onetomany: number of target processes.
+    #[arg(long, default_value_t = 1)]
+    pub num_target_dev: u64,
+    /// Descriptor placement in the bandwidth sweep: contiguous (back to back, which RIXL
+    /// merges into one range) or scattered (every other block-sized hole, in shuffled order,
+    /// so that nothing merges).
+    #[arg(long, default_value = "contiguous")]
+    pub layout: String,
+    /// Latency mode instead of the bandwidth sweep: xfer (one --latency_size transfer of
+    /// --op_type carrying a notification; the round trip ends when the target's answer arrives)
+    /// or pingpong (standalone notifications both ways).
+    #[arg(long)]
+    pub latency: Option<String>,
+    /// Latency mode: bytes moved per transfer (xfer) or per notification (pingpong).
+    #[arg(long, default_value_t = 64)]
+    pub latency_size: u64,
     /// First block size in bytes (doubled up to --max_block_size).
     #[arg(long, default_value_t = 4096)]
     pub start_block_size: u64,
@@ -151,17 +173,66 @@ impl Backend {
     }
 }
 
+/// How initiators and targets pair up (nixlbench's `--scheme`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scheme {
+    Pairwise,
+    /// `--num_initiator_dev` initiators, one target.
+    ManyToOne,
+    /// One initiator, `--num_target_dev` targets.
+    OneToMany,
+}
+
+impl Scheme {
+    pub fn name(self) -> &'static str {
+        match self {
+            Scheme::Pairwise => "pairwise",
+            Scheme::ManyToOne => "manytoone",
+            Scheme::OneToMany => "onetomany",
+        }
+    }
+}
+
+/// `--latency`: what one round trip is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Latency {
+    /// A transfer carrying a notification; the target answers with a notification.
+    Xfer,
+    /// A standalone notification; the target answers with one.
+    PingPong,
+}
+
+impl Latency {
+    pub fn name(self) -> &'static str {
+        match self {
+            Latency::Xfer => "xfer",
+            Latency::PingPong => "pingpong",
+        }
+    }
+}
+
 /// Everything the benchmark needs, validated.
 #[derive(Clone, Debug)]
 pub struct Config {
     pub args: Args,
     pub backend: Backend,
     pub write: bool,
-    /// Distance between the slots of (thread, pipeline position): max block × max batch.
+    pub scheme: Scheme,
+    /// Initiator-target pairs that run at once: 1 (pairwise), the initiators of manytoone or
+    /// the targets of onetomany. Stream `i` uses the `i`-th group of `slots` slots of the
+    /// initiator's buffer and, for manytoone, of the target's.
+    pub streams: u64,
+    /// `--layout scattered`: descriptors at every other block position, shuffled.
+    pub scattered: bool,
+    /// `--latency`: latency mode.
+    pub latency: Option<Latency>,
+    /// Distance between the slots of (thread, pipeline position): max block × max batch
+    /// (twice that when scattered).
     pub slot_stride: u64,
-    /// Slots: threads × pipeline depth.
+    /// Slots per stream: threads × pipeline depth.
     pub slots: u64,
-    /// Bytes allocated per side.
+    /// Bytes of one stream's slots (the buffer of a pairwise run, of each target of a
+    /// onetomany run).
     pub buffer_bytes: u64,
     pub block_sizes: Vec<u64>,
     pub batch_sizes: Vec<u64>,
@@ -407,6 +478,129 @@ fn addresses(
     }
 }
 
+/// The number of streams of `scheme`, checking the device counts.
+fn streams(args: &Args, backend: Backend, scheme: Scheme) -> Result<u64, BadInput> {
+    const MAX: u64 = 64;
+    for (opt, v) in [
+        ("--num_initiator_dev", args.num_initiator_dev),
+        ("--num_target_dev", args.num_target_dev),
+    ] {
+        if v > MAX {
+            return Err(BadInput::new(opt, format!("at most {MAX}")));
+        }
+    }
+    // RIXL has no multi-GPU (MG) mode: a device count above 1 only means "several initiators"
+    // or "several targets" of the scheme that has them.
+    let (streams, fixed) = match scheme {
+        Scheme::Pairwise => {
+            for (opt, v) in [
+                ("--num_initiator_dev", args.num_initiator_dev),
+                ("--num_target_dev", args.num_target_dev),
+            ] {
+                if v > 1 {
+                    return Err(BadInput::new(
+                        opt,
+                        "more than 1 needs --scheme manytoone (initiators) or onetomany \
+                         (targets); RIXL has no multi-device MG mode",
+                    ));
+                }
+            }
+            return Ok(1);
+        }
+        Scheme::ManyToOne => (
+            args.num_initiator_dev,
+            ("--num_target_dev", args.num_target_dev),
+        ),
+        Scheme::OneToMany => (
+            args.num_target_dev,
+            ("--num_initiator_dev", args.num_initiator_dev),
+        ),
+    };
+    if fixed.1 != 1 {
+        return Err(BadInput::new(
+            fixed.0,
+            format!("--scheme {} has exactly 1", scheme.name()),
+        ));
+    }
+    if !matches!(backend, Backend::Shm | Backend::Tcp) {
+        return Err(BadInput::new(
+            "--scheme",
+            format!(
+                "{} needs a two-process backend (SHM or TCP), not {}",
+                scheme.name(),
+                backend.name()
+            ),
+        ));
+    }
+    for (opt, on) in [
+        ("--kv_preset", args.kv_preset.is_some()),
+        ("--latency", args.latency.is_some()),
+    ] {
+        if on {
+            return Err(BadInput::new(
+                opt,
+                format!("only with --scheme pairwise, not {}", scheme.name()),
+            ));
+        }
+    }
+    Ok(streams)
+}
+
+/// Checks the options of latency mode: one request, one descriptor, one thread.
+fn latency_mode(
+    args: &Args,
+    backend: Backend,
+    scheme: Scheme,
+    scattered: bool,
+    l: Latency,
+) -> Result<(), BadInput> {
+    if !backend.notifies() {
+        return Err(BadInput::new(
+            "--latency",
+            format!(
+                "{} has no notifications (use LOOPBACK, SHM or TCP)",
+                backend.name()
+            ),
+        ));
+    }
+    if scheme != Scheme::Pairwise {
+        return Err(BadInput::new(
+            "--latency",
+            format!("only with --scheme pairwise, not {}", scheme.name()),
+        ));
+    }
+    if args.kv_preset.is_some() {
+        return Err(BadInput::new(
+            "--latency",
+            "choose either --latency or --kv_preset",
+        ));
+    }
+    for (opt, on) in [
+        ("--num_threads", args.num_threads > 1),
+        ("--pipeline_depth", args.pipeline_depth > 1),
+        ("--start_batch_size", args.start_batch_size > 1),
+        ("--max_batch_size", args.max_batch_size > 1),
+        ("--recreate_xfer", args.recreate_xfer),
+        ("--reregister_mem", args.reregister_mem),
+        ("--plot", args.plot.is_some()),
+        ("--layout", scattered),
+    ] {
+        if on {
+            return Err(BadInput::new(
+                opt,
+                "is not supported with --latency (one request of one descriptor in flight)",
+            ));
+        }
+    }
+    if l == Latency::PingPong && args.check_consistency {
+        return Err(BadInput::new(
+            "--check_consistency",
+            "--latency pingpong moves no data to check",
+        ));
+    }
+    Ok(())
+}
+
 impl Config {
     /// Checks the options; every error names the option at fault.
     pub fn validate(args: Args) -> Result<Config, BadInput> {
@@ -471,24 +665,49 @@ impl Config {
                 }
             }
         }
-        match args.scheme.to_ascii_lowercase().as_str() {
-            "pairwise" => {}
-            "manytoone" | "onetomany" | "tp" => {
-                return Err(BadInput::new(
+        let scheme =
+            match args.scheme.to_ascii_lowercase().as_str() {
+                "pairwise" => Scheme::Pairwise,
+                "manytoone" => Scheme::ManyToOne,
+                "onetomany" => Scheme::OneToMany,
+                "tp" => return Err(BadInput::new(
                     "--scheme",
-                    format!("{} is not supported yet (use pairwise)", args.scheme),
-                ))
-            }
+                    "tp (tensor-parallel) is not supported (use pairwise, manytoone or onetomany)",
+                )),
+                _ => {
+                    return Err(BadInput::new(
+                        "--scheme",
+                        format!(
+                            "unknown scheme {:?} (use pairwise, manytoone or onetomany)",
+                            args.scheme
+                        ),
+                    ))
+                }
+            };
+        let scattered = match args.layout.to_ascii_lowercase().as_str() {
+            "contiguous" => false,
+            "scattered" => true,
             _ => {
                 return Err(BadInput::new(
-                    "--scheme",
+                    "--layout",
                     format!(
-                    "unknown scheme {:?} (pairwise; manytoone, onetomany, tp not supported yet)",
-                    args.scheme
-                ),
+                        "unknown layout {:?} (use contiguous or scattered)",
+                        args.layout
+                    ),
                 ))
             }
-        }
+        };
+        let latency = match args.latency.as_deref().map(str::to_ascii_lowercase) {
+            None => None,
+            Some(l) if l == "xfer" => Some(Latency::Xfer),
+            Some(l) if l == "pingpong" => Some(Latency::PingPong),
+            Some(l) => {
+                return Err(BadInput::new(
+                    "--latency",
+                    format!("unknown latency test {l:?} (use xfer or pingpong)"),
+                ))
+            }
+        };
         let positive = [
             ("--start_block_size", args.start_block_size),
             ("--max_block_size", args.max_block_size),
@@ -500,11 +719,24 @@ impl Config {
             ("--pipeline_depth", args.pipeline_depth),
             ("--num_files", args.num_files),
             ("--total_buffer_size", args.total_buffer_size),
+            ("--num_initiator_dev", args.num_initiator_dev),
+            ("--num_target_dev", args.num_target_dev),
+            ("--latency_size", args.latency_size),
         ];
         for (opt, v) in positive {
             if v == 0 {
                 return Err(BadInput::new(opt, "must be at least 1"));
             }
+        }
+        let streams = streams(&args, backend, scheme)?;
+        if let Some(l) = latency {
+            latency_mode(&args, backend, scheme, scattered, l)?;
+        }
+        if scattered && args.kv_preset.is_some() {
+            return Err(BadInput::new(
+                "--layout",
+                "the KV-cache mode (--kv_preset) already places its pages at random",
+            ));
         }
         if args.start_block_size > args.max_block_size {
             return Err(BadInput::new(
@@ -539,26 +771,45 @@ impl Config {
         if args.pipeline_depth > 4096 {
             return Err(BadInput::new("--pipeline_depth", "at most 4096"));
         }
-        let block_sizes = doubling(args.start_block_size, args.max_block_size);
-        let batch_sizes = doubling(args.start_batch_size, args.max_batch_size);
+        let (block_sizes, batch_sizes) = if latency.is_some() {
+            // One descriptor of --latency_size bytes; the sweep options do not apply.
+            (vec![args.latency_size], vec![1])
+        } else {
+            (
+                doubling(args.start_block_size, args.max_block_size),
+                doubling(args.start_batch_size, args.max_batch_size),
+            )
+        };
         let max_block = *block_sizes.last().unwrap_or(&args.start_block_size);
         let max_batch = *batch_sizes.last().unwrap_or(&args.start_batch_size);
         let slots = args.num_threads * args.pipeline_depth;
         let too_big = || {
+            let mut what = format!(
+                "batch {max_batch} x block {max_block} x {} threads x pipeline depth {}",
+                args.num_threads, args.pipeline_depth
+            );
+            if scattered {
+                what.push_str(" x 2 (--layout scattered)");
+            }
+            if streams > 1 {
+                what.push_str(&format!(" x {streams} ({})", scheme.name()));
+            }
             BadInput::new(
                 "--total_buffer_size",
-                format!(
-                    "{} bytes cannot hold batch {max_batch} x block {max_block} x {} threads x \
-                     pipeline depth {}",
-                    args.total_buffer_size, args.num_threads, args.pipeline_depth
-                ),
+                format!("{} bytes cannot hold {what}", args.total_buffer_size),
             )
         };
-        let slot_stride = max_block.checked_mul(max_batch).ok_or_else(too_big)?;
+        let slot_stride = max_block
+            .checked_mul(max_batch)
+            .and_then(|b| b.checked_mul(if scattered { 2 } else { 1 }))
+            .ok_or_else(too_big)?;
         let buffer_bytes = slot_stride.checked_mul(slots).ok_or_else(too_big)?;
+        // The largest buffer of any process: every stream's slots on the initiator (and on
+        // the target of manytoone).
+        let per_process = buffer_bytes.checked_mul(streams).ok_or_else(too_big)?;
         // (The KV-cache mode sizes its pool instead; checked below.)
         if args.kv_preset.is_none()
-            && (buffer_bytes > args.total_buffer_size || buffer_bytes > isize::MAX as u64 / 2)
+            && (per_process > args.total_buffer_size || per_process > isize::MAX as u64 / 2)
         {
             return Err(too_big());
         }
@@ -590,12 +841,27 @@ impl Config {
             ));
         }
         let (listen, target_addr) = addresses(&args, backend)?;
+        if scheme == Scheme::OneToMany && (listen.is_some() || target_addr.is_some()) {
+            let opt = if listen.is_some() {
+                "--listen"
+            } else {
+                "--target_addr"
+            };
+            return Err(BadInput::new(
+                opt,
+                "--scheme onetomany starts its own targets (one address cannot name several)",
+            ));
+        }
         let mut cfg = Config {
             listen,
             target_addr,
             args,
             backend,
             write,
+            scheme,
+            streams,
+            scattered,
+            latency,
             slot_stride,
             slots,
             buffer_bytes,
@@ -640,6 +906,33 @@ impl Config {
         }
     }
 
+    /// Slots of the initiator's buffer: every stream's.
+    pub fn initiator_slots(&self) -> u64 {
+        self.streams * self.slots
+    }
+
+    /// Slots of each target's buffer: every initiator's for manytoone.
+    pub fn target_slots(&self) -> u64 {
+        if self.scheme == Scheme::ManyToOne {
+            self.streams * self.slots
+        } else {
+            self.slots
+        }
+    }
+
+    pub fn initiator_bytes(&self) -> u64 {
+        self.initiator_slots() * self.slot_stride
+    }
+
+    pub fn target_bytes(&self) -> u64 {
+        self.target_slots() * self.slot_stride
+    }
+
+    /// Bytes from a slot's start to the end of its last descriptor, holes included.
+    pub fn span(&self, block: u64, batch: u64) -> u64 {
+        block * batch * if self.scattered { 2 } else { 1 }
+    }
+
     /// The configuration dump printed before the results.
     pub fn dump(&self) -> String {
         let a = &self.args;
@@ -650,7 +943,20 @@ impl Config {
             "Op type",
             if self.write { "WRITE" } else { "READ" }.to_owned(),
         );
-        kv("Scheme", "pairwise".to_owned());
+        kv(
+            "Scheme",
+            match self.scheme {
+                Scheme::Pairwise => "pairwise".to_owned(),
+                Scheme::ManyToOne => {
+                    format!("manytoone ({} initiators -> 1 target)", self.streams)
+                }
+                Scheme::OneToMany => {
+                    format!("onetomany (1 initiator -> {} targets)", self.streams)
+                }
+            },
+        );
+        kv("Num initiator dev", a.num_initiator_dev.to_string());
+        kv("Num target dev", a.num_target_dev.to_string());
         kv("Initiator seg type", "DRAM".to_owned());
         kv(
             "Target seg type",
@@ -664,16 +970,56 @@ impl Config {
         kv(
             "Process model",
             match self.backend {
-                Backend::Loopback => "one process, two agents",
-                Backend::Shm | Backend::Tcp => match self.target_addr {
-                    None => "two processes (target re-executed), 127.0.0.1",
-                    Some(_) => "two processes (target started by hand)",
+                Backend::Loopback => "one process, two agents".to_owned(),
+                Backend::Shm | Backend::Tcp => match (self.scheme, self.target_addr) {
+                    (Scheme::Pairwise, None) => {
+                        "two processes (target re-executed), 127.0.0.1".to_owned()
+                    }
+                    (Scheme::Pairwise, Some(_)) => {
+                        "two processes (target started by hand)".to_owned()
+                    }
+                    (Scheme::ManyToOne, t) => format!(
+                        "{} initiator agents in this process, one target process ({})",
+                        self.streams,
+                        if t.is_some() {
+                            "started by hand"
+                        } else {
+                            "re-executed, 127.0.0.1"
+                        }
+                    ),
+                    (Scheme::OneToMany, _) => format!(
+                        "one initiator agent, {} target processes (re-executed), 127.0.0.1",
+                        self.streams
+                    ),
                 },
-                Backend::Posix => "one process, files",
-            }
-            .to_owned(),
+                Backend::Posix => "one process, files".to_owned(),
+            },
         );
-        if self.kv.is_none() {
+        if let Some(l) = self.latency {
+            kv(
+                "Latency test",
+                match l {
+                    Latency::Xfer => format!(
+                        "xfer: {} of {} B carrying a notification, answered by a notification",
+                        if self.write { "WRITE" } else { "READ" },
+                        a.latency_size
+                    ),
+                    Latency::PingPong => format!(
+                        "pingpong: notification of {} B, answered by one as large",
+                        a.latency_size
+                    ),
+                },
+            );
+        } else if self.kv.is_none() {
+            kv(
+                "Layout",
+                if self.scattered {
+                    "scattered (every other block position, shuffled)"
+                } else {
+                    "contiguous"
+                }
+                .to_owned(),
+            );
             kv("Start block size", a.start_block_size.to_string());
             kv("Max block size", a.max_block_size.to_string());
             kv("Start batch size", a.start_batch_size.to_string());
@@ -689,7 +1035,10 @@ impl Config {
         kv("Prepared xfer", a.prepared_xfer.to_string());
         kv("Check consistency", a.check_consistency.to_string());
         kv("Total buffer size", a.total_buffer_size.to_string());
-        kv("Buffer allocated", self.buffer_bytes.to_string());
+        kv("Buffer allocated", self.initiator_bytes().to_string());
+        if self.streams > 1 {
+            kv("Target buffer", self.target_bytes().to_string());
+        }
         kv(
             "Notification",
             if self.backend.notifies() {

@@ -37,10 +37,10 @@ const HEADERS: [(&str, usize); 12] = [
     ("B/W (GB/Sec)", 12),
 ];
 
-struct Xorshift(u64);
+pub(crate) struct Xorshift(pub(crate) u64);
 
 impl Xorshift {
-    fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
@@ -48,7 +48,7 @@ impl Xorshift {
     }
 
     /// `k` distinct values out of `0..n`, in random order.
-    fn sample(&mut self, n: u64, k: u64) -> Vec<u64> {
+    pub(crate) fn sample(&mut self, n: u64, k: u64) -> Vec<u64> {
         let mut v: Vec<u64> = (0..n).collect();
         for i in 0..k as usize {
             let j = i + (self.next() % (n - i as u64)) as usize;
@@ -100,14 +100,14 @@ pub fn run(cfg: &Config, kv: &KvLayout) -> Result<(), String> {
     };
     let err = |what: &str, e: rixl::Error| format!("{what}: {e}");
 
+    // The KV mode is pairwise: one agent, one stream.
+    let (agent, stream) = (&sess.agents[0], &sess.streams[0]);
     let t = Instant::now();
-    let local = sess
-        .agent
-        .prep_xfer_dlist("", &pool_list(kv, sess.lbase), &[])
+    let local = agent
+        .prep_xfer_dlist("", &pool_list(kv, stream.lbase), &[])
         .map_err(|e| err("preparing the local KV pool", e))?;
-    let remote = sess
-        .agent
-        .prep_xfer_dlist(&sess.peer, &pool_list(kv, sess.rbase), &[])
+    let remote = agent
+        .prep_xfer_dlist(&stream.peer, &pool_list(kv, stream.rbase), &[])
         .map_err(|e| err("preparing the target's KV pool", e))?;
     let prepare_us = t.elapsed().as_secs_f64() * 1e6;
 
@@ -138,8 +138,7 @@ pub fn run(cfg: &Config, kv: &KvLayout) -> Result<(), String> {
         let timed = i >= warm;
         let (li, ri) = &shapes[i as usize % shapes.len()];
         let t0 = Instant::now();
-        let req = sess
-            .agent
+        let req = agent
             .make_xfer_req(op, &local, li, &remote, ri, &opts)
             .map_err(|e| err("making the KV request", e))?;
         let t1 = Instant::now();
@@ -167,7 +166,7 @@ pub fn run(cfg: &Config, kv: &KvLayout) -> Result<(), String> {
             ));
         }
     }
-    sess.finish(posts)?;
+    sess.finish(&[posts])?;
     drop(local);
     drop(remote);
     drop(sess);

@@ -4,15 +4,20 @@
 //! WRITE requests on one or more threads with one or more requests in flight per thread, and
 //! prints nixlbench's table (NIXL-API §6), JSON lines, or an SVG plot.
 //!
+//! Also: a KV-cache mode (`--kv_preset`), a latency mode (`--latency xfer|pingpong`: one small
+//! transfer or notification at a time, answered by the target, min/p50/avg/p99/max), the
+//! manytoone and onetomany schemes, and a scattered descriptor layout (`--layout`).
+//!
 //! Process model: `LOOPBACK` runs two agents in one process; `SHM` and `TCP` re-execute this
-//! binary as the target process, which publishes its metadata through its listener on
-//! 127.0.0.1 and answers fill / verify / notification-count requests on its stdin; `POSIX`
-//! runs one process against files. `--listen` / `--target_addr` run the two roles of a SHM or
+//! binary as the target process (one per target of onetomany), which publishes its metadata
+//! through its listener on 127.0.0.1 and answers fill / verify / notification-count requests on
+//! its stdin; `POSIX` runs one process against files. `--listen` / `--target_addr` run the two roles of a SHM or
 //! TCP run by hand (on two hosts for TCP). Exit status: 0 success, 1 run-time failure (including a
 //! failed consistency check), 2 bad input (a one-line error naming the option).
 
 mod cli;
 mod kv;
+mod latency;
 mod output;
 mod run;
 mod target;

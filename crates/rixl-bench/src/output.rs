@@ -99,15 +99,35 @@ fn num(x: f64) -> String {
     }
 }
 
+/// What a bandwidth row was measured with, for its JSON line.
+pub struct RunInfo<'a> {
+    pub backend: &'a str,
+    pub op: &'a str,
+    pub threads: u64,
+    pub depth: u64,
+    pub scheme: &'a str,
+    /// Initiator-target pairs running at once (1 for pairwise).
+    pub streams: u64,
+    pub layout: &'a str,
+}
+
 /// One JSON object per row (hand-written: only numbers and fixed ASCII strings).
-pub fn json_row(r: &Row, backend: &str, op: &str, threads: u64, depth: u64) -> String {
+pub fn json_row(r: &Row, info: &RunInfo<'_>) -> String {
     format!(
-        "{{\"backend\":\"{backend}\",\"op_type\":\"{op}\",\"block_size\":{},\"batch_size\":{},\
-         \"num_threads\":{threads},\"pipeline_depth\":{depth},\"iterations\":{},\
+        "{{\"backend\":\"{}\",\"op_type\":\"{}\",\"scheme\":\"{}\",\"streams\":{},\
+         \"layout\":\"{}\",\"block_size\":{},\"batch_size\":{},\
+         \"num_threads\":{},\"pipeline_depth\":{},\"iterations\":{},\
          \"seconds\":{},\"bw_gbps\":{},\"avg_lat_us\":{},\"avg_prep_us\":{},\"p99_prep_us\":{},\
          \"avg_post_us\":{},\"p99_post_us\":{},\"avg_tx_us\":{},\"p99_tx_us\":{}}}",
+        info.backend,
+        info.op,
+        info.scheme,
+        info.streams,
+        info.layout,
         r.block,
         r.batch,
+        info.threads,
+        info.depth,
         r.iterations,
         num(r.seconds),
         num(r.bw_gbs),
@@ -118,6 +138,116 @@ pub fn json_row(r: &Row, backend: &str, op: &str, threads: u64, depth: u64) -> S
         num(r.post.p99),
         num(r.tx.avg),
         num(r.tx.p99),
+    )
+}
+
+/// Distribution of latency samples, microseconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Dist {
+    pub min: f64,
+    pub p50: f64,
+    pub avg: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+impl Dist {
+    /// From samples in nanoseconds (nearest-rank percentiles).
+    pub fn from_ns(mut v: Vec<u64>) -> Dist {
+        if v.is_empty() {
+            return Dist::default();
+        }
+        v.sort_unstable();
+        let rank = |p: usize| {
+            v[((v.len() * p).div_ceil(100))
+                .saturating_sub(1)
+                .min(v.len() - 1)]
+        };
+        let sum: u128 = v.iter().map(|&x| u128::from(x)).sum();
+        Dist {
+            min: v[0] as f64 / 1e3,
+            p50: rank(50) as f64 / 1e3,
+            avg: sum as f64 / v.len() as f64 / 1e3,
+            p99: rank(99) as f64 / 1e3,
+            max: v[v.len() - 1] as f64 / 1e3,
+        }
+    }
+}
+
+/// One row of latency mode: what was timed, and its distribution.
+#[derive(Clone, Debug)]
+pub struct LatRow {
+    /// `xfer` or `pingpong`.
+    pub test: &'static str,
+    /// WRITE, READ or NOTIF.
+    pub op: &'static str,
+    pub size: u64,
+    /// `roundtrip` (until the target's answer arrives) or `complete` (until the initiator sees
+    /// its own transfer complete).
+    pub measure: &'static str,
+    pub iterations: u64,
+    pub dist: Dist,
+}
+
+const LAT_HEADERS: [(&str, usize); 10] = [
+    ("Test", 10),
+    ("Op", 7),
+    ("Size (B)", 10),
+    ("Measure", 11),
+    ("Iterations", 12),
+    ("Min (us)", 10),
+    ("P50 (us)", 10),
+    ("Avg (us)", 10),
+    ("P99 (us)", 10),
+    ("Max (us)", 10),
+];
+
+pub fn latency_header() -> String {
+    let mut s = String::new();
+    for (h, w) in LAT_HEADERS {
+        let _ = write!(s, "{h:<w$}");
+    }
+    let width: usize = LAT_HEADERS.iter().map(|(_, w)| w).sum();
+    format!("{}\n{}", s.trim_end(), "-".repeat(width))
+}
+
+pub fn latency_row(r: &LatRow) -> String {
+    let d = &r.dist;
+    let cells = [
+        r.test.to_owned(),
+        r.op.to_owned(),
+        r.size.to_string(),
+        r.measure.to_owned(),
+        r.iterations.to_string(),
+        format!("{:.1}", d.min),
+        format!("{:.1}", d.p50),
+        format!("{:.1}", d.avg),
+        format!("{:.1}", d.p99),
+        format!("{:.1}", d.max),
+    ];
+    let mut s = String::new();
+    for (c, (_, w)) in cells.iter().zip(LAT_HEADERS) {
+        let _ = write!(s, "{c:<w$}");
+    }
+    s.trim_end().to_owned()
+}
+
+pub fn latency_json(r: &LatRow, backend: &str) -> String {
+    let d = &r.dist;
+    format!(
+        "{{\"backend\":\"{backend}\",\"latency\":\"{}\",\"op_type\":\"{}\",\"size\":{},\
+         \"measure\":\"{}\",\"iterations\":{},\"min_us\":{},\"p50_us\":{},\"avg_us\":{},\
+         \"p99_us\":{},\"max_us\":{}}}",
+        r.test,
+        r.op,
+        r.size,
+        r.measure,
+        r.iterations,
+        num(d.min),
+        num(d.p50),
+        num(d.avg),
+        num(d.p99),
+        num(d.max)
     )
 }
 
@@ -314,6 +444,54 @@ mod tests {
             cells,
             ["4096", "2", "0.333333", "12.3", "1.0", "2.0", "3.0", "4.0", "5.0", "6.0"]
         );
-        assert!(json_row(&r, "SHM", "READ", 1, 1).contains("\"bw_gbps\":0.333"));
+        let info = RunInfo {
+            backend: "SHM",
+            op: "READ",
+            threads: 1,
+            depth: 1,
+            scheme: "pairwise",
+            streams: 1,
+            layout: "contiguous",
+        };
+        assert!(json_row(&r, &info).contains("\"bw_gbps\":0.333"));
+    }
+
+    #[test]
+    fn latency_distribution_and_row() {
+        let d = Dist::from_ns((1..=100).rev().map(|x| x * 1000).collect());
+        assert_eq!(
+            (d.min, d.p50, d.avg, d.p99, d.max),
+            (1.0, 50.0, 50.5, 99.0, 100.0)
+        );
+        assert_eq!(Dist::from_ns(Vec::new()), Dist::default());
+        let r = LatRow {
+            test: "xfer",
+            op: "WRITE",
+            size: 64,
+            measure: "roundtrip",
+            iterations: 100,
+            dist: d,
+        };
+        let cells: Vec<String> = latency_row(&r)
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect();
+        assert_eq!(
+            cells,
+            [
+                "xfer",
+                "WRITE",
+                "64",
+                "roundtrip",
+                "100",
+                "1.0",
+                "50.0",
+                "50.5",
+                "99.0",
+                "100.0"
+            ]
+        );
+        assert!(latency_header().starts_with("Test"));
+        assert!(latency_json(&r, "SHM").contains("\"p50_us\":50,"));
     }
 }

@@ -1,17 +1,20 @@
-//! The initiator: sets up the target (in-process agent, re-executed process, or files), runs
-//! every (block size, batch size) row and reports it.
+//! The initiator: sets up the target(s) (in-process agent, re-executed processes, or files),
+//! runs every (block size, batch size) row and reports it.
 //!
-//! Memory layout, on both sides: `threads × pipeline_depth` slots of `max_block × max_batch`
-//! bytes; the request at pipeline position `k` of thread `t` uses slot `t × depth + k`, whose
-//! first `block × batch` bytes hold its `batch` descriptors back to back (file targets: the same
-//! offsets, descriptor `j` in file `j mod num_files`).
+//! Memory layout, on both sides: `threads × pipeline_depth` slots per stream of `max_block ×
+//! max_batch` bytes (twice that with `--layout scattered`); the request at pipeline position `k`
+//! of thread `t` of stream `i` uses slot `i × threads × depth + t × depth + k` of the initiator's
+//! buffer. On the target it uses the same slot for manytoone (one target buffer holding every
+//! initiator's slots) and slot `t × depth + k` of target `i`'s buffer otherwise. The `batch`
+//! descriptors of a request lie in its slot at [`desc_offsets`]: back to back, or scattered
+//! (file targets: the same offsets, descriptor `j` in file `j mod num_files`).
 //!
 //! Columns (NIXL-API §6): B/W = `block × batch × I` bytes over the wall time of the timed loop
-//! (from the first thread's start to the last thread's end, after warm-up), decimal GB/s;
-//! Avg Lat. = that time over `(I / threads) × batch`, per descriptor; Prep = creating (or
-//! making) a request, plus registering the slot with `--reregister_mem`; Post = time inside
-//! `post`; Tx = from the start of `post` until the completion is seen (`post` returned `Done`,
-//! or `wait` returned).
+//! (from the first thread's start to the last thread's end, after warm-up, over every stream:
+//! the aggregate of a manytoone or onetomany run), decimal GB/s; Avg Lat. = that time over
+//! `(I / (threads × streams)) × batch`, per descriptor; Prep = creating (or making) a request,
+//! plus registering the slot with `--reregister_mem`; Post = time inside `post`; Tx = from the
+//! start of `post` until the completion is seen (`post` returned `Done`, or `wait` returned).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
@@ -26,7 +29,7 @@ use rixl::{
     XferOptions, XferRequest, XferStatus,
 };
 
-use crate::cli::{Backend, Config};
+use crate::cli::{Backend, Config, Scheme};
 use crate::output::{self, Row, Stat};
 
 /// The notification every network transfer carries, as in nixlbench.
@@ -65,32 +68,90 @@ impl Buffer {
     }
 }
 
-/// Sets the first `used` bytes of every slot to `byte`.
-pub fn fill_slots(buf: &mut [u8], slots: u64, stride: u64, used: u64, byte: u8) {
-    for s in 0..slots {
-        let a = (s * stride) as usize;
-        let b = (a + used as usize).min(buf.len());
-        buf[a.min(b)..b].fill(byte);
+/// Offsets, from a slot's start, of the `batch` descriptors of one side of a request.
+///
+/// Contiguous: back to back (RIXL merges them into one range). Scattered: descriptor `j` at
+/// block position `2 × p(j)` for a shuffle `p` of `0..batch`, a different shuffle on each side:
+/// list neighbours are not memory neighbours and a hole of one block separates any two
+/// descriptors, so that no merging can collapse them. The shuffle depends only on `batch` and
+/// the side, so the target process computes the same offsets from the same options.
+pub fn desc_offsets(scattered: bool, block: u64, batch: u64, remote: bool) -> Vec<u64> {
+    if !scattered {
+        return (0..batch).map(|j| j * block).collect();
     }
+    let side = if remote { 0xD1B5_4A32_D192_ED03 } else { 0 };
+    // (Xorshift needs a non-zero state.)
+    let mut rng = crate::kv::Xorshift((0x9E37_79B9_7F4A_7C15 ^ batch.rotate_left(17) ^ side) | 1);
+    rng.sample(batch, batch)
+        .into_iter()
+        .map(|p| 2 * p * block)
+        .collect()
 }
 
-/// The first byte among the first `used` bytes of every slot that is not `byte`:
-/// (offset in the buffer, value).
-pub fn find_mismatch(
-    buf: &[u8],
-    slots: u64,
-    stride: u64,
-    used: u64,
-    byte: u8,
-) -> Option<(u64, u8)> {
-    for s in 0..slots {
-        let a = (s * stride) as usize;
-        let b = (a + used as usize).min(buf.len());
-        if let Some(i) = buf[a.min(b)..b].iter().position(|&x| x != byte) {
-            return Some(((a + i) as u64, buf[a + i]));
+/// Where a row's descriptors lie in every slot of one side, to fill and check it.
+#[derive(Clone, Debug)]
+pub struct SlotLayout {
+    pub stride: u64,
+    pub block: u64,
+    /// Descriptor offsets in a slot, sorted.
+    sorted: Vec<u64>,
+    /// Bytes from the slot's start to the end of the last descriptor.
+    pub span: u64,
+}
+
+impl SlotLayout {
+    pub fn new(cfg: &Config, block: u64, batch: u64, remote: bool) -> SlotLayout {
+        let mut sorted = desc_offsets(cfg.scattered, block, batch, remote);
+        sorted.sort_unstable();
+        SlotLayout {
+            stride: cfg.slot_stride,
+            block,
+            sorted,
+            span: cfg.span(block, batch),
         }
     }
-    None
+
+    /// Sets the first `span` bytes (descriptors and holes) of the first `slots` slots to
+    /// `byte`.
+    pub fn fill(&self, buf: &mut [u8], slots: u64, byte: u8) {
+        for s in 0..slots {
+            let a = ((s * self.stride) as usize).min(buf.len());
+            let b = (a + self.span as usize).min(buf.len());
+            buf[a..b].fill(byte);
+        }
+    }
+
+    /// The first wrong byte among the first `span` bytes of the first `slots` slots: bytes of
+    /// descriptors must be `inside`, the holes between them `outside` (so that a transfer that
+    /// landed at the wrong offset is caught too). Returns (offset in `buf`, value).
+    pub fn mismatch(&self, buf: &[u8], slots: u64, inside: u8, outside: u8) -> Option<(u64, u8)> {
+        let check = |a: usize, b: usize, want: u8| -> Option<(u64, u8)> {
+            let (a, b) = (a.min(buf.len()), b.min(buf.len()));
+            buf[a..b]
+                .iter()
+                .position(|&x| x != want)
+                .map(|i| ((a + i) as u64, buf[a + i]))
+        };
+        for s in 0..slots {
+            let base = (s * self.stride) as usize;
+            let mut cursor = base;
+            for &off in &self.sorted {
+                let start = base + off as usize;
+                let end = start + self.block as usize;
+                if let Some(bad) = check(cursor, start, outside) {
+                    return Some(bad);
+                }
+                if let Some(bad) = check(start, end, inside) {
+                    return Some(bad);
+                }
+                cursor = end;
+            }
+            if let Some(bad) = check(cursor, base + self.span as usize, outside) {
+                return Some(bad);
+            }
+        }
+        None
+    }
 }
 
 /// Reaps the target process however the run ends.
@@ -146,14 +207,18 @@ impl Target {
         }
     }
 
-    /// Resets the used part of every target slot to 0xaa.
-    fn fill(&mut self, cfg: &Config, used: u64, block: u64) -> Result<(), String> {
+    /// Resets every target slot's descriptors and holes to 0xaa.
+    fn fill(&mut self, cfg: &Config, block: u64, batch: u64) -> Result<(), String> {
         match self {
             Target::Loopback { buf, .. } => {
-                fill_slots(buf.bytes_mut(), cfg.slots, cfg.slot_stride, used, 0xaa);
+                SlotLayout::new(cfg, block, batch, true).fill(
+                    buf.bytes_mut(),
+                    cfg.target_slots(),
+                    0xaa,
+                );
                 Ok(())
             }
-            Target::Process { .. } => match self.ask(&format!("FILL {used}"))?.as_str() {
+            Target::Process { .. } => match self.ask(&format!("FILL {block} {batch}"))?.as_str() {
                 "OK" => Ok(()),
                 other => Err(format!("the target process answered {other:?} to FILL")),
             },
@@ -161,9 +226,10 @@ impl Target {
                 use std::os::unix::fs::FileExt;
                 let files = open_all(paths)?;
                 let chunk = vec![0xaau8; block as usize];
-                for s in 0..cfg.slots {
-                    for j in 0..used / block {
-                        let (f, off) = file_pos(cfg, s, j, block);
+                let offs = desc_offsets(cfg.scattered, block, batch, true);
+                for s in 0..cfg.target_slots() {
+                    for (j, &o) in offs.iter().enumerate() {
+                        let (f, off) = file_pos(cfg, s, j as u64, o);
                         files[f]
                             .write_all_at(&chunk, off)
                             .map_err(|e| format!("filling {}: {e}", paths[f].display()))?;
@@ -174,22 +240,21 @@ impl Target {
         }
     }
 
-    /// Checks that the used part of every target slot holds 0xbb.
-    fn verify(&mut self, cfg: &Config, used: u64, block: u64) -> Result<(), String> {
+    /// Checks that every target slot's descriptors hold 0xbb (and its holes still 0xaa).
+    fn verify(&mut self, cfg: &Config, block: u64, batch: u64) -> Result<(), String> {
         let bad = |off: u64, v: u8| {
-            format!(
-                "consistency check failed: target byte at offset {off} is {v:#04x}, expected 0xbb"
-            )
+            format!("consistency check failed: target byte at offset {off} is {v:#04x}")
         };
         match self {
             Target::Loopback { buf, .. } => {
-                match find_mismatch(buf.bytes(), cfg.slots, cfg.slot_stride, used, 0xbb) {
+                let lay = SlotLayout::new(cfg, block, batch, true);
+                match lay.mismatch(buf.bytes(), cfg.target_slots(), 0xbb, 0xaa) {
                     None => Ok(()),
                     Some((o, v)) => Err(bad(o, v)),
                 }
             }
             Target::Process { .. } => {
-                let a = self.ask(&format!("VERIFY {used} {}", 0xbb))?;
+                let a = self.ask(&format!("VERIFY {block} {batch} {}", 0xbb))?;
                 if a == "OK" {
                     return Ok(());
                 }
@@ -207,9 +272,10 @@ impl Target {
                 use std::os::unix::fs::FileExt;
                 let files = open_all(paths)?;
                 let mut chunk = vec![0u8; block as usize];
-                for s in 0..cfg.slots {
-                    for j in 0..used / block {
-                        let (f, off) = file_pos(cfg, s, j, block);
+                let offs = desc_offsets(cfg.scattered, block, batch, true);
+                for s in 0..cfg.target_slots() {
+                    for (j, &o) in offs.iter().enumerate() {
+                        let (f, off) = file_pos(cfg, s, j as u64, o);
                         files[f]
                             .read_exact_at(&mut chunk, off)
                             .map_err(|e| format!("reading back {}: {e}", paths[f].display()))?;
@@ -242,12 +308,9 @@ fn open_all(paths: &[PathBuf]) -> Result<Vec<std::fs::File>, String> {
         .collect()
 }
 
-/// File index and offset of descriptor `j` of slot `s`.
-fn file_pos(cfg: &Config, s: u64, j: u64, block: u64) -> (usize, u64) {
-    (
-        (j % cfg.args.num_files) as usize,
-        s * cfg.slot_stride + j * block,
-    )
+/// File index and offset of descriptor `j` of slot `s`, at offset `off` in its slot.
+fn file_pos(cfg: &Config, s: u64, j: u64, off: u64) -> (usize, u64) {
+    ((j % cfg.args.num_files) as usize, s * cfg.slot_stride + off)
 }
 
 /// Removes the benchmark's files at the end.
@@ -261,11 +324,13 @@ impl Drop for FileCleanup {
     }
 }
 
-fn spawn_target(cfg: &Config) -> Result<(Target, SocketAddr), String> {
+/// Starts target process `k` (this binary again, with the same arguments); [`greet`] it next.
+fn spawn_target(k: u64) -> Result<Target, String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find my own executable: {e}"))?;
     let mut child = Command::new(exe)
         .args(std::env::args().skip(1))
         .env(crate::ROLE_ENV, "target")
+        .env(crate::target::INDEX_ENV, k.to_string())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -273,12 +338,11 @@ fn spawn_target(cfg: &Config) -> Result<(Target, SocketAddr), String> {
         .map_err(|e| format!("cannot start the target process: {e}"))?;
     let stdin = child.stdin.take().ok_or("no stdin for the target")?;
     let stdout = child.stdout.take().ok_or("no stdout for the target")?;
-    let target = Target::Process {
+    Ok(Target::Process {
         stdin: Box::new(stdin),
         stdout: BufReader::new(Box::new(stdout)),
         child: Some(ChildGuard(child)),
-    };
-    greet(cfg, target, std::net::Ipv4Addr::LOCALHOST.into())
+    })
 }
 
 /// Connects to a target started by hand with `--listen`.
@@ -337,15 +401,19 @@ fn greet(
     Ok((target, SocketAddr::new(ip, port)))
 }
 
-/// What every worker thread shares for one row.
+/// What the worker threads of one stream share for one row.
 struct RowCtx<'a> {
     cfg: &'a Config,
     agent: &'a Agent,
     peer: &'a str,
+    /// The stream's first slot in the initiator's buffer and in the target's.
     lbase: u64,
     rbase: u64,
     block: u64,
     batch: u64,
+    /// Descriptor offsets in a slot (see [`desc_offsets`]).
+    loffs: &'a [u64],
+    roffs: &'a [u64],
     op: XferOp,
     opts: XferOptions,
     progress: &'a AtomicU64,
@@ -354,22 +422,20 @@ struct RowCtx<'a> {
 impl RowCtx<'_> {
     fn local_descs(&self, slot: u64) -> impl Iterator<Item = Desc> + '_ {
         let base = self.lbase + slot * self.cfg.slot_stride;
-        (0..self.batch).map(move |j| Desc::new(base + j * self.block, self.block, 0))
+        self.loffs
+            .iter()
+            .map(move |&o| Desc::new(base + o, self.block, 0))
     }
 
     fn remote_list(&self, slots: impl Iterator<Item = u64>) -> XferDescList {
         let mut v = Vec::new();
         for s in slots {
-            for j in 0..self.batch {
+            for (j, &o) in self.roffs.iter().enumerate() {
                 v.push(if self.cfg.backend == Backend::Posix {
-                    let (f, off) = file_pos(self.cfg, s, j, self.block);
+                    let (f, off) = file_pos(self.cfg, s, j as u64, o);
                     Desc::new(off, self.block, f as u64 + 1)
                 } else {
-                    Desc::new(
-                        self.rbase + s * self.cfg.slot_stride + j * self.block,
-                        self.block,
-                        0,
-                    )
+                    Desc::new(self.rbase + s * self.cfg.slot_stride + o, self.block, 0)
                 });
             }
         }
@@ -393,7 +459,7 @@ impl RowCtx<'_> {
             MemType::Dram,
             vec![RegDesc::new(
                 self.lbase + slot * self.cfg.slot_stride,
-                self.block * self.batch,
+                self.cfg.span(self.block, self.batch),
                 0,
             )],
         )
@@ -594,6 +660,9 @@ pub fn run(cfg: &Config) -> Result<(), String> {
     if let Some(kv) = &cfg.kv {
         return crate::kv::run(cfg, kv);
     }
+    if let Some(l) = cfg.latency {
+        return crate::latency::run(cfg, l);
+    }
     let show_progress = !a.no_progress && std::io::IsTerminal::is_terminal(&std::io::stderr());
 
     let mut sess = open(cfg)?;
@@ -612,47 +681,57 @@ pub fn run(cfg: &Config) -> Result<(), String> {
         println!("{}", output::table_header());
     }
     let mut rows = Vec::new();
-    let mut posts_total = 0u64;
+    // Posts (each carrying "0xBEEF") per target, checked by the targets at the end.
+    let mut posts_per_target = vec![0u64; sess.targets.len()];
     let nrows = cfg.block_sizes.len() * cfg.batch_sizes.len();
+    let nthreads = a.num_threads * cfg.streams;
     let mut row_no = 0;
     for &block in &cfg.block_sizes {
         for &batch in &cfg.batch_sizes {
-            let used = block * batch;
+            let loffs = desc_offsets(cfg.scattered, block, batch, false);
+            let roffs = desc_offsets(cfg.scattered, block, batch, true);
+            let local_layout = SlotLayout::new(cfg, block, batch, false);
             if a.check_consistency {
-                fill_slots(
-                    sess.lbuf.bytes_mut(),
-                    cfg.slots,
-                    cfg.slot_stride,
-                    used,
-                    0xbb,
-                );
-                sess.target.fill(cfg, used, block)?;
+                local_layout.fill(sess.lbuf.bytes_mut(), cfg.initiator_slots(), 0xbb);
+                for t in &mut sess.targets {
+                    t.fill(cfg, block, batch)?;
+                }
             }
             let (iters_all, warm_all) = cfg.iterations(block);
             let per_thread = (iters_all / a.num_threads).max(1);
             let warm_pt = warm_all / a.num_threads;
             let progress = AtomicU64::new(0);
-            let ctx = RowCtx {
-                cfg,
-                agent: &sess.agent,
-                peer: &sess.peer,
-                lbase: sess.lbase,
-                rbase: sess.rbase,
-                block,
-                batch,
-                op,
-                opts: opts.clone(),
-                progress: &progress,
-            };
-            let barrier = Barrier::new(a.num_threads as usize);
-            let total_posts = (per_thread + warm_pt) * a.num_threads;
-            let results: Vec<Result<ThreadResult, String>> = std::thread::scope(|s| {
-                let hs: Vec<_> = (0..a.num_threads)
-                    .map(|t| {
-                        let (ctx, barrier) = (&ctx, &barrier);
-                        s.spawn(move || worker(ctx, t, warm_pt, per_thread, barrier))
-                    })
-                    .collect();
+            let ctxs: Vec<RowCtx<'_>> = sess
+                .streams
+                .iter()
+                .map(|st| RowCtx {
+                    cfg,
+                    agent: &sess.agents[st.agent],
+                    peer: &st.peer,
+                    lbase: st.lbase,
+                    rbase: st.rbase,
+                    block,
+                    batch,
+                    loffs: &loffs,
+                    roffs: &roffs,
+                    op,
+                    opts: opts.clone(),
+                    progress: &progress,
+                })
+                .collect();
+            // One barrier for every thread of every stream: the timed loops start together.
+            let barrier = Barrier::new(nthreads as usize);
+            let total_posts = (per_thread + warm_pt) * nthreads;
+            let results: Vec<Result<(usize, ThreadResult), String>> = std::thread::scope(|s| {
+                let mut hs = Vec::new();
+                for (i, ctx) in ctxs.iter().enumerate() {
+                    for t in 0..a.num_threads {
+                        let barrier = &barrier;
+                        hs.push(s.spawn(move || {
+                            worker(ctx, t, warm_pt, per_thread, barrier).map(|r| (i, r))
+                        }));
+                    }
+                }
                 if show_progress {
                     while hs.iter().any(|h| !h.is_finished()) {
                         output::progress_line(
@@ -674,24 +753,26 @@ pub fn run(cfg: &Config) -> Result<(), String> {
                     })
                     .collect()
             });
-            let results: Vec<ThreadResult> = results.into_iter().collect::<Result<_, _>>()?;
+            let results: Vec<(usize, ThreadResult)> =
+                results.into_iter().collect::<Result<_, _>>()?;
+            drop(ctxs);
             row_no += 1;
-            let start = results.iter().filter_map(|r| r.start).min();
-            let end = results.iter().filter_map(|r| r.end).max();
+            let start = results.iter().filter_map(|(_, r)| r.start).min();
+            let end = results.iter().filter_map(|(_, r)| r.end).max();
             let secs = match (start, end) {
                 (Some(s), Some(e)) => (e - s).as_secs_f64(),
                 _ => 0.0,
             };
-            let iterations = per_thread * a.num_threads;
+            let iterations = per_thread * nthreads;
             let bytes = (block * batch * iterations) as f64;
             let mut prep = Vec::new();
             let mut post = Vec::new();
             let mut tx = Vec::new();
-            for r in results {
+            for (i, r) in results {
                 prep.extend(r.prep);
                 post.extend(r.post);
                 tx.extend(r.tx);
-                posts_total += r.posts;
+                posts_per_target[sess.streams[i].target] += r.posts;
             }
             let row = Row {
                 block,
@@ -706,15 +787,17 @@ pub fn run(cfg: &Config) -> Result<(), String> {
             };
             if a.check_consistency {
                 if std::env::var_os(CORRUPT_ENV).is_some() {
-                    sess.corrupt(cfg, used);
+                    sess.corrupt(cfg, &local_layout);
                 }
                 if cfg.write {
-                    sess.target.verify(cfg, used, block)?;
+                    for t in &mut sess.targets {
+                        t.verify(cfg, block, batch)?;
+                    }
                 } else if let Some((o, v)) =
-                    find_mismatch(sess.lbuf.bytes(), cfg.slots, cfg.slot_stride, used, 0xaa)
+                    local_layout.mismatch(sess.lbuf.bytes(), cfg.initiator_slots(), 0xaa, 0xbb)
                 {
                     return Err(format!(
-                        "consistency check failed: initiator byte at offset {o} is {v:#04x}, expected 0xaa"
+                        "consistency check failed: initiator byte at offset {o} is {v:#04x}"
                     ));
                 }
             }
@@ -730,10 +813,19 @@ pub fn run(cfg: &Config) -> Result<(), String> {
                     "{}",
                     output::json_row(
                         &row,
-                        bname,
-                        if cfg.write { "WRITE" } else { "READ" },
-                        a.num_threads,
-                        a.pipeline_depth
+                        &output::RunInfo {
+                            backend: bname,
+                            op: if cfg.write { "WRITE" } else { "READ" },
+                            threads: a.num_threads,
+                            depth: a.pipeline_depth,
+                            scheme: cfg.scheme.name(),
+                            streams: cfg.streams,
+                            layout: if cfg.scattered {
+                                "scattered"
+                            } else {
+                                "contiguous"
+                            },
+                        }
                     )
                 );
             } else {
@@ -743,15 +835,22 @@ pub fn run(cfg: &Config) -> Result<(), String> {
             rows.push(row);
         }
     }
-    sess.finish(posts_total)?;
+    sess.finish(&posts_per_target)?;
     if let Some(path) = &a.plot {
-        let title = format!(
-            "rixl-bench {} {} (threads {}, depth {})",
+        let mut title = format!(
+            "rixl-bench {} {} (threads {}, depth {}",
             bname,
             if cfg.write { "WRITE" } else { "READ" },
             a.num_threads,
             a.pipeline_depth
         );
+        if cfg.scheme != crate::cli::Scheme::Pairwise {
+            title.push_str(&format!(", {} x{}", cfg.scheme.name(), cfg.streams));
+        }
+        if cfg.scattered {
+            title.push_str(", scattered");
+        }
+        title.push(')');
         std::fs::write(path, output::svg(&rows, &title))
             .map_err(|e| format!("--plot: cannot write {path}: {e}"))?;
     }
@@ -759,43 +858,59 @@ pub fn run(cfg: &Config) -> Result<(), String> {
     Ok(())
 }
 
-/// Agents, target and buffers of a run. Fields drop in declaration order: the agents go before
-/// the buffers they registered.
-pub struct Session {
-    pub agent: Agent,
-    target: Target,
+/// One initiator-target pair of a run.
+pub struct Stream {
+    /// Index into [`Session::agents`] and [`Session::targets`].
+    pub agent: usize,
+    pub target: usize,
+    /// The target agent's name.
     pub peer: String,
-    pub rbase: u64,
+    /// The stream's first slot in the initiator's buffer and in the target's.
     pub lbase: u64,
+    pub rbase: u64,
+}
+
+/// Agents, targets and buffers of a run. Fields drop in declaration order: the agents go
+/// before the buffers they registered.
+pub struct Session {
+    /// One initiator agent, or one per initiator of manytoone.
+    pub agents: Vec<Agent>,
+    /// One target, or one per target of onetomany.
+    targets: Vec<Target>,
+    pub streams: Vec<Stream>,
     _files: Option<FileCleanup>,
     pub lbuf: Buffer,
 }
 
 impl Session {
-    /// See [`CORRUPT_ENV`]: flips the last byte of the last slot's moved data on the side that
-    /// received it, when that side is in this process. Runs between rows only.
-    fn corrupt(&mut self, cfg: &Config, used: u64) {
-        let at = ((cfg.slots - 1) * cfg.slot_stride + used - 1) as usize;
+    /// See [`CORRUPT_ENV`]: flips the last byte of the last slot's span on the side that
+    /// received the data, when that side is in this process. Runs between rows only.
+    fn corrupt(&mut self, cfg: &Config, lay: &SlotLayout) {
         if !cfg.write {
+            let at = ((cfg.initiator_slots() - 1) * cfg.slot_stride + lay.span - 1) as usize;
             self.lbuf.bytes_mut()[at] ^= 0xff;
-        } else if let Target::Loopback { buf, .. } = &mut self.target {
+        } else if let Some(Target::Loopback { buf, .. }) = self.targets.first_mut() {
+            let at = ((cfg.target_slots() - 1) * cfg.slot_stride + lay.span - 1) as usize;
             buf.bytes_mut()[at] ^= 0xff;
         }
     }
 
-    /// Ends a two-process run: the target must have seen `posts` notifications.
-    pub fn finish(&mut self, posts: u64) -> Result<(), String> {
-        if let Target::Process { .. } = &self.target {
-            let a = self.target.ask(&format!("DONE {posts}"))?;
-            let got: Option<u64> = a.strip_prefix("NOTIFS ").and_then(|n| n.parse().ok());
-            match got {
-                Some(n) if n == posts => {}
-                Some(n) => {
-                    return Err(format!(
-                        "the target received {n} \"0xBEEF\" notifications for {posts} transfers"
-                    ))
+    /// Ends a run with target processes: target `k` must have seen `posts[k]` notifications.
+    pub fn finish(&mut self, posts: &[u64]) -> Result<(), String> {
+        for (k, t) in self.targets.iter_mut().enumerate() {
+            if let Target::Process { .. } = t {
+                let want = posts.get(k).copied().unwrap_or(0);
+                let a = t.ask(&format!("DONE {want}"))?;
+                let got: Option<u64> = a.strip_prefix("NOTIFS ").and_then(|n| n.parse().ok());
+                match got {
+                    Some(n) if n == want => {}
+                    Some(n) => {
+                        return Err(format!(
+                            "target {k} received {n} \"0xBEEF\" notifications for {want} transfers"
+                        ))
+                    }
+                    None => return Err(format!("target {k} answered {a:?} to DONE")),
                 }
-                None => return Err(format!("the target process answered {a:?} to DONE")),
             }
         }
         Ok(())
@@ -804,8 +919,8 @@ impl Session {
     /// Takes (and counts) the in-process target's "0xBEEF" notifications; `None` when the
     /// target is not in this process.
     pub fn loopback_notifs(&self) -> Result<Option<u64>, String> {
-        match &self.target {
-            Target::Loopback { agent, .. } => Ok(Some(
+        match self.targets.first() {
+            Some(Target::Loopback { agent, .. }) => Ok(Some(
                 agent
                     .get_notifs(&[])
                     .map_err(|e| format!("target notifications: {e}"))?
@@ -816,21 +931,53 @@ impl Session {
             _ => Ok(None),
         }
     }
+
+    /// The target agent when it lives in this process (LOOPBACK).
+    pub fn loopback_target(&self) -> Option<&Agent> {
+        match self.targets.first() {
+            Some(Target::Loopback { agent, .. }) => Some(agent),
+            _ => None,
+        }
+    }
+
+    /// Fills and verifies the (only) target: for latency mode's consistency check.
+    pub fn fill_target(&mut self, cfg: &Config, block: u64, batch: u64) -> Result<(), String> {
+        for t in &mut self.targets {
+            t.fill(cfg, block, batch)?;
+        }
+        Ok(())
+    }
+
+    pub fn verify_target(&mut self, cfg: &Config, block: u64, batch: u64) -> Result<(), String> {
+        for t in &mut self.targets {
+            t.verify(cfg, block, batch)?;
+        }
+        Ok(())
+    }
 }
 
-/// Creates the agents, starts or reaches the target, registers the buffers.
+/// The name of initiator agent `i` (the first keeps the pairwise name).
+fn initiator_name(i: u64) -> String {
+    if i == 0 {
+        "rixl-bench-initiator".to_owned()
+    } else {
+        format!("rixl-bench-initiator-{i}")
+    }
+}
+
+/// Creates the agents, starts or reaches the target(s), registers the buffers.
 pub fn open(cfg: &Config) -> Result<Session, String> {
-    let lbuf = Buffer::new(cfg.buffer_bytes as usize, 0xbb);
+    let lbuf = Buffer::new(cfg.initiator_bytes() as usize, 0xbb);
     let a = &cfg.args;
-    let lbase = lbuf.addr();
     let bname = cfg.backend.name();
     let mk = |name: &str, c: AgentConfig| {
         Agent::new(name, c).map_err(|e| format!("cannot create agent {name} with {bname}: {e}"))
     };
+    let stream_bytes = cfg.slots * cfg.slot_stride;
     let mut _files_cleanup = None;
-    let (agent, target, peer, rbase) = match cfg.backend {
+    let (agents, targets, streams) = match cfg.backend {
         Backend::Loopback => {
-            let tbuf = Buffer::new(cfg.buffer_bytes as usize, 0xaa);
+            let tbuf = Buffer::new(cfg.target_bytes() as usize, 0xaa);
             let tagent = mk("rixl-bench-target", AgentConfig::default().backend(bname))?;
             let regs = RegDescList::from_descs(
                 MemType::Dram,
@@ -841,61 +988,121 @@ pub fn open(cfg: &Config) -> Result<Session, String> {
             // buffer only between rows, when no transfer is in flight.
             unsafe { tagent.register_mem(&regs, &[]) }
                 .map_err(|e| format!("cannot register the target buffer: {e}"))?;
-            let agent = mk(
-                "rixl-bench-initiator",
-                AgentConfig::default().backend(bname),
-            )?;
+            let agent = mk(&initiator_name(0), AgentConfig::default().backend(bname))?;
             let md = tagent
                 .local_metadata()
                 .map_err(|e| format!("target metadata: {e}"))?;
             let peer = agent
                 .load_remote_metadata(&md)
                 .map_err(|e| format!("loading the target's metadata: {e}"))?;
-            let rbase = tbuf.addr();
+            let stream = Stream {
+                agent: 0,
+                target: 0,
+                peer,
+                lbase: lbuf.addr(),
+                rbase: tbuf.addr(),
+            };
             (
-                agent,
-                Target::Loopback {
+                vec![agent],
+                vec![Target::Loopback {
                     agent: tagent,
                     buf: tbuf,
-                },
-                peer,
-                rbase,
+                }],
+                vec![stream],
             )
         }
         Backend::Shm | Backend::Tcp => {
-            let (target, addr) = match cfg.target_addr {
-                None => spawn_target(cfg)?,
-                Some(a) => connect_target(cfg, a)?,
+            let ntargets = if cfg.scheme == Scheme::OneToMany {
+                cfg.streams
+            } else {
+                1
             };
-            let agent = mk(
-                "rixl-bench-initiator",
-                AgentConfig::default().backend(bname),
-            )?;
-            let peer = agent
-                .fetch_remote_metadata_blocking("rixl-bench-target", addr, Duration::from_secs(30))
-                .map_err(|e| format!("fetching the target's metadata from {addr}: {e}"))?;
-            // The target needs ours too for notifications on some backends.
-            agent
-                .send_local_metadata_blocking(addr, Duration::from_secs(30))
-                .map_err(|e| format!("sending metadata to the target at {addr}: {e}"))?;
-            let regions = agent
-                .remote_regions(&peer, MemType::Dram)
-                .map_err(|e| format!("the target's regions: {e}"))?;
-            let rbase = regions
-                .iter()
-                .find(|d| d.len == cfg.buffer_bytes)
-                .map(|d| d.addr)
-                .ok_or("the target did not publish its buffer")?;
-            agent
-                .make_connection(&peer, &[])
-                .map_err(|e| format!("connecting to the target: {e}"))?;
-            (agent, target, peer, rbase)
+            let mut targets = Vec::new();
+            let mut addrs = Vec::new();
+            match cfg.target_addr {
+                None => {
+                    // Start every target first, then wait for them: they set up in parallel.
+                    let mut started = Vec::new();
+                    for k in 0..ntargets {
+                        started.push(spawn_target(k)?);
+                    }
+                    for t in started {
+                        let (t, addr) = greet(cfg, t, std::net::Ipv4Addr::LOCALHOST.into())?;
+                        targets.push(t);
+                        addrs.push(addr);
+                    }
+                }
+                Some(at) => {
+                    let (t, addr) = connect_target(cfg, at)?;
+                    targets.push(t);
+                    addrs.push(addr);
+                }
+            }
+            let nagents = if cfg.scheme == Scheme::ManyToOne {
+                cfg.streams
+            } else {
+                1
+            };
+            let mut agents = Vec::new();
+            // (peer name, buffer address) of every target, as the first agent sees them.
+            let mut remote = Vec::new();
+            for i in 0..nagents {
+                let agent = mk(&initiator_name(i), AgentConfig::default().backend(bname))?;
+                for (k, &addr) in addrs.iter().enumerate() {
+                    let name = crate::target::target_name(k as u64);
+                    let peer = agent
+                        .fetch_remote_metadata_blocking(&name, addr, Duration::from_secs(30))
+                        .map_err(|e| format!("fetching the target's metadata from {addr}: {e}"))?;
+                    // The target needs ours too for notifications on some backends (and to
+                    // answer them in latency mode).
+                    agent
+                        .send_local_metadata_blocking(addr, Duration::from_secs(30))
+                        .map_err(|e| format!("sending metadata to the target at {addr}: {e}"))?;
+                    let known = targets[k].ask(&format!("KNOWS {}", agent.name()))?;
+                    if known != "OK" {
+                        return Err(format!("the target at {addr} answered {known:?}"));
+                    }
+                    let regions = agent
+                        .remote_regions(&peer, MemType::Dram)
+                        .map_err(|e| format!("the target's regions: {e}"))?;
+                    let rbase = regions
+                        .iter()
+                        .find(|d| d.len == cfg.target_bytes())
+                        .map(|d| d.addr)
+                        .ok_or("the target did not publish its buffer")?;
+                    agent
+                        .make_connection(&peer, &[])
+                        .map_err(|e| format!("connecting to the target: {e}"))?;
+                    if i == 0 {
+                        remote.push((peer, rbase));
+                    }
+                }
+                agents.push(agent);
+            }
+            let streams = (0..cfg.streams)
+                .map(|i| {
+                    let (agent, target, roff) = match cfg.scheme {
+                        Scheme::Pairwise => (0, 0, 0),
+                        Scheme::ManyToOne => (i as usize, 0, i * stream_bytes),
+                        Scheme::OneToMany => (0, i as usize, 0),
+                    };
+                    let (peer, rbase) = &remote[target];
+                    Stream {
+                        agent,
+                        target,
+                        peer: peer.clone(),
+                        lbase: lbuf.addr() + i * stream_bytes,
+                        rbase: rbase + roff,
+                    }
+                })
+                .collect();
+            (agents, targets, streams)
         }
         Backend::Posix => {
             let mut params = rixl::Params::new();
             params.insert("engine".into(), "auto".into());
             let agent = mk(
-                "rixl-bench-initiator",
+                &initiator_name(0),
                 AgentConfig::default().backend_with(bname, params),
             )?;
             let mut paths = Vec::new();
@@ -907,11 +1114,12 @@ pub fn open(cfg: &Config) -> Result<Session, String> {
             }
             _files_cleanup = Some(FileCleanup(paths.clone()));
             // Every file holds the whole layout, pre-filled with 0xaa (READs need data there).
-            let chunk = vec![0xaau8; (1 << 20).min(cfg.buffer_bytes as usize)];
+            let size = cfg.target_bytes() as usize;
+            let chunk = vec![0xaau8; (1 << 20).min(size)];
             for p in &paths {
                 let mut f = std::fs::File::create(p)
                     .map_err(|e| format!("--filepath: cannot create {}: {e}", p.display()))?;
-                let mut left = cfg.buffer_bytes as usize;
+                let mut left = size;
                 while left > 0 {
                     let n = left.min(chunk.len());
                     f.write_all(&chunk[..n])
@@ -938,27 +1146,36 @@ pub fn open(cfg: &Config) -> Result<Session, String> {
             // SAFETY: storage registrations address file offsets, not memory.
             unsafe { agent.register_mem(&regs, &[]) }
                 .map_err(|e| format!("registering the files: {e}"))?;
-            let peer = agent.name().to_owned();
-            (agent, Target::Files { paths }, peer, 0)
+            let stream = Stream {
+                agent: 0,
+                target: 0,
+                peer: agent.name().to_owned(),
+                lbase: lbuf.addr(),
+                rbase: 0,
+            };
+            (vec![agent], vec![Target::Files { paths }], vec![stream])
         }
     };
     if !a.reregister_mem {
-        let regs = RegDescList::from_descs(
-            MemType::Dram,
-            vec![RegDesc::new(lbase, lbuf.len() as u64, 0)],
-        );
-        // SAFETY: `lbuf` moves into the session, whose field order drops `agent` first; the
-        // program touches it only between rows, when no transfer is in flight.
-        unsafe { agent.register_mem(&regs, &[]) }
-            .map_err(|e| format!("cannot register the initiator buffer: {e}"))?;
+        // Each agent registers the slots of its own streams.
+        for (i, agent) in agents.iter().enumerate() {
+            let (base, len) = if agents.len() > 1 {
+                (lbuf.addr() + i as u64 * stream_bytes, stream_bytes)
+            } else {
+                (lbuf.addr(), lbuf.len() as u64)
+            };
+            let regs = RegDescList::from_descs(MemType::Dram, vec![RegDesc::new(base, len, 0)]);
+            // SAFETY: `lbuf` moves into the session, whose field order drops the agents first;
+            // the program touches it only between rows, when no transfer is in flight.
+            unsafe { agent.register_mem(&regs, &[]) }
+                .map_err(|e| format!("cannot register the initiator buffer: {e}"))?;
+        }
     }
 
     Ok(Session {
-        agent,
-        target,
-        peer,
-        rbase,
-        lbase,
+        agents,
+        targets,
+        streams,
         _files: _files_cleanup,
         lbuf,
     })
@@ -969,15 +1186,52 @@ mod tests {
     use super::*;
 
     #[test]
-    fn slots_are_filled_and_checked_separately() {
+    fn scattered_offsets_never_touch_and_are_shuffled() {
+        for batch in [1u64, 2, 3, 16, 128] {
+            for remote in [false, true] {
+                let mut o = desc_offsets(true, 4096, batch, remote);
+                o.sort_unstable();
+                // Every other block position, each once: a one-block hole after each.
+                assert_eq!(o, (0..batch).map(|j| 2 * j * 4096).collect::<Vec<_>>());
+            }
+        }
+        let l = desc_offsets(true, 1, 128, false);
+        let r = desc_offsets(true, 1, 128, true);
+        assert_ne!(l, r, "each side has its own shuffle");
+        assert!(l.windows(2).any(|w| w[0] > w[1]), "not in address order");
+        assert_eq!(desc_offsets(true, 1, 128, false), l, "deterministic");
+        assert_eq!(desc_offsets(false, 10, 3, true), [0, 10, 20]);
+    }
+
+    #[test]
+    fn slots_are_filled_and_checked_with_their_holes() {
+        // Slots of 10 bytes; descriptors of 2 bytes at 0 and 4; span 8.
+        let lay = SlotLayout {
+            stride: 10,
+            block: 2,
+            sorted: vec![0, 4],
+            span: 8,
+        };
         let mut b = vec![0u8; 40];
-        fill_slots(&mut b, 4, 10, 3, 0xbb);
-        assert_eq!(find_mismatch(&b, 4, 10, 3, 0xbb), None);
-        assert_eq!(b.iter().filter(|&&x| x == 0xbb).count(), 12);
-        b[21] = 7;
-        assert_eq!(find_mismatch(&b, 4, 10, 3, 0xbb), Some((21, 7)));
-        // Bytes past `used` are not looked at.
-        assert_eq!(find_mismatch(&b, 4, 10, 1, 0xbb), None);
+        lay.fill(&mut b, 4, 0xaa);
+        assert_eq!(b.iter().filter(|&&x| x == 0xaa).count(), 32);
+        for s in 0..4 {
+            for o in [0, 1, 4, 5] {
+                b[s * 10 + o] = 0xbb;
+            }
+        }
+        assert_eq!(lay.mismatch(&b, 4, 0xbb, 0xaa), None);
+        b[23] = 0xbb; // in a hole of slot 2: a write that landed at the wrong offset
+        assert_eq!(lay.mismatch(&b, 4, 0xbb, 0xaa), Some((23, 0xbb)));
+        b[23] = 0xaa;
+        b[35] = 7;
+        assert_eq!(lay.mismatch(&b, 4, 0xbb, 0xaa), Some((35, 7)));
+        // Bytes past the span, and slots not asked for, are not looked at.
+        b[35] = 0xbb;
+        b[38] = 1;
+        assert_eq!(lay.mismatch(&b, 4, 0xbb, 0xaa), None);
+        b[5] = 0;
+        assert_eq!(lay.mismatch(&b[10..], 3, 0xbb, 0xaa), None);
         let buf = Buffer::new(5000, 1);
         assert_eq!(buf.addr() % 4096, 0);
         assert_eq!(buf.bytes().len(), 5000);

@@ -1,15 +1,20 @@
 //! The target of a two-process run (`SHM`, `TCP`): this binary re-executed with
-//! `RIXL_BENCH_ROLE=target` and the initiator's arguments, or started by hand with
-//! `--listen ADDR:PORT` (the initiator then runs with `--target_addr HOST:PORT`).
+//! `RIXL_BENCH_ROLE=target` (and `RIXL_BENCH_TARGET_INDEX=k` for target `k` of onetomany) and
+//! the initiator's arguments, or started by hand with `--listen ADDR:PORT` (the initiator then
+//! runs with `--target_addr HOST:PORT`).
 //!
-//! It registers one buffer (0xaa) of the size the initiator computed from the same options,
-//! runs the metadata listener (re-executed: on 127.0.0.1, port chosen by the OS), says
-//! `LISTEN <port>`, counts the "0xBEEF" notifications on a second thread, and answers one-line
-//! commands (on stdin, or on the connection accepted on `PORT+1`):
+//! It registers one buffer (0xaa) of the size the initiator computed from the same options
+//! (every initiator's slots for manytoone), runs the metadata listener (re-executed: on
+//! 127.0.0.1, port chosen by the OS), says `LISTEN <port>`, counts the "0xBEEF" notifications on
+//! a second thread (in latency mode it also answers each with the same message, blocking in
+//! `Agent::wait_notif` between them rather than polling), and answers one-line commands (on
+//! stdin, or on the connection accepted on `PORT+1`):
 //!
-//! - `HELLO <backend> <slots> <slot stride>`: same options on both sides? → `OK` or `ERR ...`
-//! - `FILL <used>`: every slot's first `used` bytes become 0xaa → `OK`
-//! - `VERIFY <used> <byte>`: are they all `byte`? → `OK` or `BAD <offset> <value>`
+//! - `HELLO <backend> <slots> <slot stride> ...`: same options on both sides? → `OK` or `ERR ...`
+//! - `FILL <block> <batch>`: every slot's descriptors and holes become 0xaa → `OK`
+//! - `VERIFY <block> <batch> <byte>`: do the descriptors hold `byte` and the holes still 0xaa?
+//!   → `OK` or `BAD <offset> <value>`
+//! - `KNOWS <agent>`: wait (at most 10 s) until the initiator's pushed metadata is loaded → `OK`
 //! - `DONE <expected>`: wait (at most 10 s) for that many notifications → `NOTIFS <count>`, exit
 //!
 //! The initiator sends FILL and VERIFY only between rows, when no transfer is in flight, which is
@@ -23,7 +28,19 @@ use std::time::{Duration, Instant};
 use rixl::{Agent, AgentConfig, MemType, RegDesc, RegDescList};
 
 use crate::cli::Config;
-use crate::run::{fill_slots, find_mismatch, Buffer, NOTIF};
+use crate::run::{Buffer, SlotLayout, NOTIF};
+
+/// Environment variable with the index of a re-executed target (onetomany has several).
+pub const INDEX_ENV: &str = "RIXL_BENCH_TARGET_INDEX";
+
+/// The agent name of target `k` (the first keeps the pairwise name).
+pub fn target_name(k: u64) -> String {
+    if k == 0 {
+        "rixl-bench-target".to_owned()
+    } else {
+        format!("rixl-bench-target-{k}")
+    }
+}
 
 /// How the initiator reaches the target's command channel.
 #[derive(Clone, Copy, Debug)]
@@ -37,7 +54,14 @@ pub enum Control {
 }
 
 pub fn serve(cfg: &Config, control: Control) -> Result<(), String> {
-    let mut buf = Buffer::new(cfg.buffer_bytes as usize, 0xaa);
+    let mut buf = Buffer::new(cfg.target_bytes() as usize, 0xaa);
+    let index: u64 = match control {
+        Control::Stdio => std::env::var(INDEX_ENV)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+        Control::Tcp(_) => 0,
+    };
     let meta_addr = match control {
         Control::Stdio => SocketAddr::from(([127, 0, 0, 1], 0)),
         Control::Tcp(a) => a,
@@ -46,7 +70,7 @@ pub fn serve(cfg: &Config, control: Control) -> Result<(), String> {
         .backend(cfg.backend.name())
         .listen_on(meta_addr.port());
     conf.listen_addr = Some(meta_addr.ip());
-    let agent = Agent::new("rixl-bench-target", conf)
+    let agent = Agent::new(&target_name(index), conf)
         .map_err(|e| format!("target: cannot create the agent: {e}"))?;
     let regs = RegDescList::from_descs(
         MemType::Dram,
@@ -94,23 +118,42 @@ pub fn serve(cfg: &Config, control: Control) -> Result<(), String> {
     let count = AtomicU64::new(0);
     let stop = AtomicBool::new(false);
     let result = std::thread::scope(|s| {
-        s.spawn(|| {
-            while !stop.load(Ordering::Acquire) {
-                if agent.wait_notif(Duration::from_millis(100)) {
-                    if let Ok(ns) = agent.get_notifs(&[]) {
-                        let n = ns.iter().filter(|n| n.msg == NOTIF).count();
-                        count.fetch_add(n as u64, Ordering::AcqRel);
-                    }
-                }
-            }
-        });
-        let r = commands(cfg, &mut buf, &count, input, &mut out);
+        s.spawn(|| answer_notifs(&agent, cfg, &stop, &count));
+        let r = commands(cfg, &agent, &mut buf, &count, input, &mut out);
         stop.store(true, Ordering::Release);
         r
     });
     drop(agent);
     drop(buf);
     result
+}
+
+/// Counts the "0xBEEF" notifications `agent` receives until `stop`; in latency mode also
+/// answers each with the same message. Blocks in `wait_notif` (a short yield, then a condvar
+/// sleep) rather than polling; its bound only lets the loop see `stop`.
+pub fn answer_notifs(agent: &Agent, cfg: &Config, stop: &AtomicBool, count: &AtomicU64) {
+    let answer = cfg.latency.is_some();
+    let mut failed = false;
+    while !stop.load(Ordering::Acquire) {
+        if !agent.wait_notif(Duration::from_millis(100)) {
+            continue;
+        }
+        let Ok(ns) = agent.get_notifs(&[]) else {
+            continue;
+        };
+        for n in ns.iter().filter(|n| n.msg.starts_with(NOTIF)) {
+            if answer {
+                if let Err(e) = agent.send_notif(&n.from, &n.msg, Some(cfg.backend.name())) {
+                    // Once: the initiator times out and reports the run as failed.
+                    if !failed {
+                        eprintln!("rixl-bench target: cannot answer {}: {e}", n.from);
+                        failed = true;
+                    }
+                }
+            }
+            count.fetch_add(1, Ordering::AcqRel);
+        }
+    }
 }
 
 fn say(out: &mut dyn Write, s: &str) -> Result<(), String> {
@@ -121,6 +164,7 @@ fn say(out: &mut dyn Write, s: &str) -> Result<(), String> {
 
 fn commands(
     cfg: &Config,
+    agent: &Agent,
     buf: &mut Buffer,
     count: &AtomicU64,
     input: Box<dyn BufRead + '_>,
@@ -134,6 +178,18 @@ fn commands(
                 .get(i)
                 .and_then(|w| w.parse().ok())
                 .ok_or_else(|| format!("target: bad command {line:?}"))
+        };
+        // A row's layout, if it fits in a slot (the command channel may be a TCP connection:
+        // numbers are not trusted to be sane).
+        let layout = |block: u64, batch: u64| -> Result<SlotLayout, String> {
+            match block.checked_mul(batch).and_then(|b| b.checked_mul(2)) {
+                Some(_) if cfg.span(block, batch) <= cfg.slot_stride => {
+                    Ok(SlotLayout::new(cfg, block, batch, true))
+                }
+                _ => Err(format!(
+                    "target: block {block} x batch {batch} does not fit a slot"
+                )),
+            }
         };
         match words.first().copied() {
             Some("HELLO") => {
@@ -151,14 +207,31 @@ fn commands(
                 }
             }
             Some("FILL") => {
-                fill_slots(buf.bytes_mut(), cfg.slots, cfg.slot_stride, n(1)?, 0xaa);
+                layout(n(1)?, n(2)?)?.fill(buf.bytes_mut(), cfg.target_slots(), 0xaa);
                 say(out, "OK")?;
             }
             Some("VERIFY") => {
-                let byte = n(2)? as u8;
-                match find_mismatch(buf.bytes(), cfg.slots, cfg.slot_stride, n(1)?, byte) {
+                let byte = n(3)? as u8;
+                let lay = layout(n(1)?, n(2)?)?;
+                match lay.mismatch(buf.bytes(), cfg.target_slots(), byte, 0xaa) {
                     None => say(out, "OK")?,
                     Some((off, v)) => say(out, &format!("BAD {off} {v}"))?,
+                }
+            }
+            Some("KNOWS") => {
+                // The listener loads pushed metadata on its own thread, after the push returned
+                // on the initiator: wait until it did, so that answers can be sent.
+                let name = words.get(1).copied().unwrap_or("");
+                let t = Instant::now();
+                while agent.remote_generation(name).is_none()
+                    && t.elapsed() < Duration::from_secs(10)
+                {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                if agent.remote_generation(name).is_some() {
+                    say(out, "OK")?;
+                } else {
+                    say(out, &format!("ERR no metadata of {name:?} arrived"))?;
                 }
             }
             Some("DONE") => {
@@ -177,12 +250,21 @@ fn commands(
     Ok(())
 }
 
-/// The handshake line: both sides must agree on the backend and the memory layout.
+/// The handshake line: both sides must agree on the backend, the memory layout and what the
+/// target does with notifications.
 pub fn hello(cfg: &Config) -> String {
     format!(
-        "HELLO {} {} {}",
+        "HELLO {} {} {} {} {} {} {}",
         cfg.backend.name(),
         cfg.slots,
-        cfg.slot_stride
+        cfg.slot_stride,
+        cfg.scheme.name(),
+        cfg.streams,
+        if cfg.scattered {
+            "scattered"
+        } else {
+            "contiguous"
+        },
+        cfg.latency.map_or("bandwidth", |l| l.name())
     )
 }

@@ -382,8 +382,106 @@ fn bad_input_exits_2_with_one_line_naming_the_option() {
         (&["--initiator_seg_type", "VRAM"], "--initiator_seg_type"),
         (&["--target_seg_type", "VRAM"], "--target_seg_type"),
         (&["--initiator_seg_type", "HBM"], "--initiator_seg_type"),
-        (&["--scheme", "manytoone"], "--scheme"),
-        (&["--scheme", "onetomany"], "--scheme"),
+        (&["--scheme", "tp"], "--scheme"),
+        (&["--scheme", "ring"], "--scheme"),
+        (
+            &["--scheme", "manytoone", "--backend", "LOOPBACK"],
+            "--scheme",
+        ),
+        (&["--scheme", "onetomany", "--backend", "POSIX"], "--scheme"),
+        (&["--num_initiator_dev", "2"], "--num_initiator_dev"),
+        (&["--num_target_dev", "2"], "--num_target_dev"),
+        (
+            &["--scheme", "manytoone", "--num_target_dev", "2"],
+            "--num_target_dev",
+        ),
+        (
+            &["--scheme", "onetomany", "--num_initiator_dev", "2"],
+            "--num_initiator_dev",
+        ),
+        (
+            &["--scheme", "manytoone", "--num_initiator_dev", "0"],
+            "--num_initiator_dev",
+        ),
+        (
+            &["--scheme", "manytoone", "--num_initiator_dev", "65"],
+            "--num_initiator_dev",
+        ),
+        (
+            &[
+                "--scheme",
+                "onetomany",
+                "--num_target_dev",
+                "2",
+                "--target_addr",
+                "127.0.0.1:5000",
+            ],
+            "--target_addr",
+        ),
+        (
+            &[
+                "--scheme",
+                "manytoone",
+                "--num_initiator_dev",
+                "4",
+                "--max_block_size",
+                "1048576",
+                "--total_buffer_size",
+                "2097152",
+            ],
+            "--total_buffer_size",
+        ),
+        (
+            &["--scheme", "manytoone", "--kv_preset", "llama3-8b"],
+            "--kv_preset",
+        ),
+        (&["--layout", "zigzag"], "--layout"),
+        (
+            &["--layout", "scattered", "--kv_preset", "llama3-8b"],
+            "--layout",
+        ),
+        (
+            &[
+                "--layout",
+                "scattered",
+                "--max_block_size",
+                "1048576",
+                "--total_buffer_size",
+                "1048576",
+            ],
+            "--total_buffer_size",
+        ),
+        (&["--latency", "bounce"], "--latency"),
+        (&["--latency", "xfer", "--backend", "POSIX"], "--latency"),
+        (
+            &["--latency", "xfer", "--num_threads", "2"],
+            "--num_threads",
+        ),
+        (
+            &["--latency", "xfer", "--pipeline_depth", "2"],
+            "--pipeline_depth",
+        ),
+        (
+            &["--latency", "xfer", "--max_batch_size", "2"],
+            "--max_batch_size",
+        ),
+        (&["--latency", "xfer", "--layout", "scattered"], "--layout"),
+        (
+            &["--latency", "xfer", "--kv_preset", "llama3-8b"],
+            "--latency",
+        ),
+        (
+            &["--latency", "pingpong", "--scheme", "manytoone"],
+            "--latency",
+        ),
+        (
+            &["--latency", "pingpong", "--check_consistency"],
+            "--check_consistency",
+        ),
+        (
+            &["--latency", "xfer", "--latency_size", "0"],
+            "--latency_size",
+        ),
         (
             &[
                 "--max_block_size",
@@ -437,8 +535,8 @@ fn bad_input_exits_2_with_one_line_naming_the_option() {
     }
     let o = run(&["--initiator_seg_type", "VRAM"]);
     assert!(text(&o.stderr).contains("VRAM needs a GPU; none is available"));
-    let o = run(&["--scheme", "manytoone"]);
-    assert!(text(&o.stderr).contains("not supported yet"));
+    let o = run(&["--scheme", "tp"]);
+    assert!(text(&o.stderr).contains("not supported"));
 }
 
 /// A port `p` such that `p` and `p + 1` were both free a moment ago.
@@ -645,4 +743,306 @@ fn consistency_check_catches_a_wrong_byte() {
             "{op}: {err}"
         );
     }
+}
+
+/// Whether this build has the TCP backend (it is a cargo feature of `rixl`).
+fn tcp_built_in() -> bool {
+    let o = run(&[
+        "--backend",
+        "TCP",
+        "--latency",
+        "pingpong",
+        "--num_iter",
+        "1",
+    ]);
+    !(o.status.code() == Some(2) && text(&o.stderr).contains("not available in this build"))
+}
+
+/// The rows of the latency table: the ten columns as text.
+fn latency_rows(stdout: &str) -> Vec<Vec<String>> {
+    let mut lines = stdout.lines().skip_while(|l| !l.starts_with("Test"));
+    let header = lines
+        .next()
+        .unwrap_or_else(|| panic!("no latency table in:\n{stdout}"));
+    for h in [
+        "Op",
+        "Size (B)",
+        "Measure",
+        "Iterations",
+        "Min (us)",
+        "P50 (us)",
+        "Avg (us)",
+        "P99 (us)",
+        "Max (us)",
+    ] {
+        assert!(header.contains(h), "{h} missing from {header:?}");
+    }
+    let dashes = lines.next().expect("line under the header");
+    assert!(dashes.chars().all(|c| c == '-'), "{dashes:?}");
+    lines
+        .map(|l| l.split_whitespace().map(str::to_owned).collect())
+        .collect()
+}
+
+/// min <= p50 <= p99 <= max, p50 > 0, avg within [min, max].
+#[track_caller]
+fn check_dist(min: f64, p50: f64, avg: f64, p99: f64, max: f64) {
+    assert!(p50 > 0.0, "p50 must be positive");
+    assert!(
+        min <= p50 && p50 <= p99 && p99 <= max,
+        "{min} {p50} {p99} {max}"
+    );
+    assert!(min <= avg && avg <= max, "{min} {avg} {max}");
+}
+
+#[test]
+fn latency_mode_reports_percentiles() {
+    let mut backends = vec!["LOOPBACK", "SHM"];
+    if tcp_built_in() {
+        backends.push("TCP");
+    }
+    for backend in backends {
+        // xfer: a 64-byte WRITE + notification; two measures.
+        let out = ok(&[
+            "--backend",
+            backend,
+            "--latency",
+            "xfer",
+            "--num_iter",
+            "50",
+            "--warmup_iter",
+            "5",
+            "--check_consistency",
+        ]);
+        assert!(
+            out.contains("Latency test            : xfer: WRITE of 64 B"),
+            "{out}"
+        );
+        let rows = latency_rows(&out);
+        assert_eq!(rows.len(), 2, "{out}");
+        for (row, measure) in rows.iter().zip(["complete", "roundtrip"]) {
+            assert_eq!(row.len(), 10, "{row:?}");
+            assert_eq!(&row[..5], ["xfer", "WRITE", "64", measure, "50"], "{row:?}");
+            let v: Vec<f64> = row[5..].iter().map(|c| c.parse().unwrap()).collect();
+            check_dist(v[0], v[1], v[2], v[3], v[4]);
+        }
+        // The round trip includes the local completion.
+        let p50 = |r: &Vec<String>| r[6].parse::<f64>().unwrap();
+        assert!(p50(&rows[1]) >= p50(&rows[0]) - 0.1, "{out}");
+
+        // pingpong, JSON lines.
+        let o = run(&[
+            "--backend",
+            backend,
+            "--latency",
+            "pingpong",
+            "--latency_size",
+            "200",
+            "--num_iter",
+            "40",
+            "--warmup_iter",
+            "0",
+            "--json",
+        ]);
+        assert!(o.status.success(), "{backend}: {}", text(&o.stderr));
+        let out = text(&o.stdout);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 1, "{out}");
+        let v: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+        assert_eq!(v["backend"], backend);
+        assert_eq!(v["latency"], "pingpong");
+        assert_eq!(v["op_type"], "NOTIF");
+        assert_eq!(v["measure"], "roundtrip");
+        assert_eq!(v["size"], 200);
+        assert_eq!(v["iterations"], 40);
+        let f = |k: &str| v[k].as_f64().unwrap_or_else(|| panic!("{k} in {out}"));
+        check_dist(
+            f("min_us"),
+            f("p50_us"),
+            f("avg_us"),
+            f("p99_us"),
+            f("max_us"),
+        );
+    }
+    // READ of 4 KiB from prepared lists, with the consistency check (on the initiator).
+    let out = ok(&[
+        "--backend",
+        "SHM",
+        "--latency",
+        "xfer",
+        "--op_type",
+        "READ",
+        "--latency_size",
+        "4096",
+        "--prepared_xfer",
+        "--num_iter",
+        "20",
+        "--warmup_iter",
+        "2",
+        "--check_consistency",
+    ]);
+    let rows = latency_rows(&out);
+    assert_eq!(rows.len(), 2, "{out}");
+    assert_eq!(&rows[1][..4], ["xfer", "READ", "4096", "roundtrip"]);
+}
+
+/// manytoone and onetomany with 3 streams on a two-process backend: READ and WRITE with the
+/// consistency check (the target verifies every initiator's region for WRITE), threads and
+/// pipelining, and the per-target notification counts checked at the end.
+fn schemes(backend: &str) {
+    for (scheme, dev, what) in [
+        (
+            "manytoone",
+            "--num_initiator_dev",
+            "manytoone (3 initiators -> 1 target)",
+        ),
+        (
+            "onetomany",
+            "--num_target_dev",
+            "onetomany (1 initiator -> 3 targets)",
+        ),
+    ] {
+        for op in ["WRITE", "READ"] {
+            let out = ok(&with(&[
+                "--backend",
+                backend,
+                "--scheme",
+                scheme,
+                dev,
+                "3",
+                "--op_type",
+                op,
+                "--max_batch_size",
+                "2",
+                "--num_threads",
+                "2",
+                "--pipeline_depth",
+                "2",
+                "--check_consistency",
+            ]));
+            assert!(out.contains(what), "{out}");
+            let rows = table_rows(&out);
+            assert_eq!(rows.len(), 6, "{out}");
+            for (row, (block, batch)) in rows.iter().zip([
+                (1024, 1),
+                (1024, 2),
+                (2048, 1),
+                (2048, 2),
+                (4096, 1),
+                (4096, 2),
+            ]) {
+                check_row(row, block, batch);
+            }
+        }
+    }
+    // JSON: the scheme, the streams, and iterations counted over all of them.
+    let o = run(&with(&[
+        "--backend",
+        backend,
+        "--scheme",
+        "manytoone",
+        "--num_initiator_dev",
+        "2",
+        "--json",
+    ]));
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let out = text(&o.stdout);
+    for l in out.lines() {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        assert_eq!(v["scheme"], "manytoone");
+        assert_eq!(v["streams"], 2);
+        assert_eq!(v["iterations"], 40, "20 per initiator");
+    }
+}
+
+#[test]
+fn many_to_one_and_one_to_many_on_shm() {
+    schemes("SHM");
+}
+
+#[test]
+fn many_to_one_and_one_to_many_on_tcp_when_built_in() {
+    if !tcp_built_in() {
+        eprintln!("skipped: TCP is not in this build");
+        return;
+    }
+    schemes("TCP");
+}
+
+#[test]
+fn scattered_layout_moves_and_checks_every_descriptor() {
+    let modes: [&[&str]; 4] = [
+        &["--backend", "LOOPBACK"],
+        &[
+            "--backend",
+            "LOOPBACK",
+            "--prepared_xfer",
+            "--pipeline_depth",
+            "2",
+        ],
+        &[
+            "--backend",
+            "LOOPBACK",
+            "--reregister_mem",
+            "--num_threads",
+            "2",
+        ],
+        &["--backend", "SHM", "--num_threads", "2"],
+    ];
+    for op in ["WRITE", "READ"] {
+        for m in modes {
+            let mut args = with(&[
+                "--layout",
+                "scattered",
+                "--op_type",
+                op,
+                "--max_batch_size",
+                "8",
+                "--check_consistency",
+                "--json",
+            ]);
+            args.extend_from_slice(m);
+            let o = run(&args);
+            assert!(o.status.success(), "{args:?}: {}", text(&o.stderr));
+            assert!(text(&o.stderr).contains("scattered (every other block position, shuffled)"));
+            let out = text(&o.stdout);
+            assert_eq!(out.lines().count(), 12, "{out}");
+            for l in out.lines() {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                assert_eq!(v["layout"], "scattered");
+                assert!(v["bw_gbps"].as_f64().unwrap() > 0.0, "{l}");
+            }
+        }
+    }
+    let dir = Scratch::new("scattered");
+    let out = ok(&with(&[
+        "--backend",
+        "POSIX",
+        "--filepath",
+        dir.path(),
+        "--num_files",
+        "2",
+        "--layout",
+        "scattered",
+        "--max_batch_size",
+        "4",
+        "--check_consistency",
+    ]));
+    assert_eq!(table_rows(&out).len(), 9, "{out}");
+    // A flipped byte (in a hole here: a write that landed where no descriptor points) fails.
+    let o = Command::new(BIN)
+        .args(with(&[
+            "--backend",
+            "LOOPBACK",
+            "--layout",
+            "scattered",
+            "--max_batch_size",
+            "4",
+            "--check_consistency",
+        ]))
+        .env("RIXL_BENCH_CORRUPT_FOR_TESTS", "1")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o.stderr));
+    assert!(text(&o.stderr).contains("consistency check failed"));
 }
