@@ -284,9 +284,21 @@ fn accept_loop(shared: &Arc<Shared>, listener: UnixListener) {
             tracing::warn!("SHM: cannot make an accepted socket non-blocking: {e}");
             continue;
         }
+        // SAFETY: eventfd has no memory preconditions; the result is checked below.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if efd < 0 {
+            tracing::warn!(
+                "SHM: cannot create an eventfd: {}",
+                std::io::Error::last_os_error()
+            );
+            continue;
+        }
+        // SAFETY: `efd` is a fresh descriptor that nothing else owns.
+        let poke = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(efd) };
         let inbound = Arc::new(Inbound {
             conn,
             pid,
+            poke,
             ring: std::sync::OnceLock::new(),
             state: Mutex::new(InState::default()),
         });
@@ -309,6 +321,8 @@ struct Inbound {
     pid: u32,
     /// The sender's notification ring, once mapped.
     ring: std::sync::OnceLock<ring::Ring>,
+    /// An eventfd that wakes the reader thread when a poll opens a new polling window.
+    poke: std::os::fd::OwnedFd,
     state: Mutex<InState>,
 }
 
@@ -476,22 +490,58 @@ fn drain_ring(shared: &Shared, inbound: &Inbound, st: &mut InState) -> Option<En
     }
 }
 
-/// Blocks until `conn` has input (or end of stream).
-fn wait_readable(conn: &UnixStream) {
-    let mut pfd = libc::pollfd {
-        fd: conn.as_raw_fd(),
-        events: libc::POLLIN | libc::POLLRDHUP,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd for a socket the caller owns; blocks until it is readable.
-    unsafe { libc::poll(&mut pfd, 1, -1) };
+/// How long a non-blocking poll of the notification rings lets senders skip the doorbell (the
+/// reader thread then wakes at the end of the window to take what arrived unannounced).
+const POLL_WINDOW_NS: u64 = 500_000;
+
+/// Blocks until `inbound`'s socket has input (or end of stream), its poke fires, or the ring's
+/// polling window ends.
+fn wait_readable(inbound: &Inbound) {
+    let timeout = inbound.ring.get().and_then(|r| {
+        let (until, now) = (r.polled_until(), ring::now_ns());
+        // A little past the deadline, so that the sender's clock has passed it too.
+        (until > now).then(|| libc::timespec {
+            tv_sec: ((until - now + 20_000) / 1_000_000_000) as libc::time_t,
+            tv_nsec: ((until - now + 20_000) % 1_000_000_000) as libc::c_long,
+        })
+    });
+    let mut pfd = [
+        libc::pollfd {
+            fd: inbound.conn.as_raw_fd(),
+            events: libc::POLLIN | libc::POLLRDHUP,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: inbound.poke.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    let ts = timeout
+        .as_ref()
+        .map_or(std::ptr::null(), |t| t as *const libc::timespec);
+    // SAFETY: two valid pollfds for descriptors `inbound` owns, an optional timespec that
+    // outlives the call, no signal mask.
+    unsafe { libc::ppoll(pfd.as_mut_ptr(), 2, ts, std::ptr::null()) };
+    if pfd[1].revents & libc::POLLIN != 0 {
+        let mut v = 0u64;
+        // SAFETY: reads the 8-byte eventfd counter into `v` (non-blocking descriptor).
+        unsafe { libc::read(inbound.poke.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+    }
+}
+
+/// Makes the reader thread of `inbound` look at its ring's polling window again.
+fn poke(inbound: &Inbound) {
+    let one = 1u64;
+    // SAFETY: writes 8 bytes from `one` to an eventfd `inbound` owns.
+    unsafe { libc::write(inbound.poke.as_raw_fd(), (&one as *const u64).cast(), 8) };
 }
 
 /// The reader thread of one accepted connection: waits for input (frames, doorbells) and
 /// drains it, until the connection ends.
 fn serve_inbound(shared: &Shared, inbound: &Arc<Inbound>) {
     let end = loop {
-        wait_readable(&inbound.conn);
+        wait_readable(inbound);
         let mut st = inbound.state.lock();
         if st.end.is_none() {
             st.end = drain(shared, inbound, &mut st, true);
@@ -524,10 +574,18 @@ fn poll_inbound(shared: &Shared) {
         // With a ring, waiting threads read only the ring (one atomic load when it is empty);
         // the socket then carries doorbells for the reader thread, and notifications too
         // large for the ring, which a stalled `SOCKET` record asks for.
-        let ring_only = inbound.ring.get().is_some();
-        if ring_only && !inbound.ring.get().is_some_and(ring::Ring::has_data) {
-            continue;
-        }
+        let ring_only = match inbound.ring.get() {
+            Some(r) => {
+                if r.note_polled(POLL_WINDOW_NS) {
+                    poke(&inbound);
+                }
+                if !r.has_data() {
+                    continue;
+                }
+                true
+            }
+            None => false,
+        };
         let Some(mut st) = inbound.state.try_lock() else {
             continue;
         };
@@ -671,6 +729,13 @@ impl NoDelay for UnixStream {
 /// one poll serves the posts of the next [`LIVENESS_RECHECK_NS`] (a system call per 4 KiB post
 /// was a fifth of its cost).
 fn peer_alive(peer: &Peer) -> bool {
+    check_alive(peer, false)
+}
+
+/// [`peer_alive`], always asking the socket (`fresh`) or trusting a check younger than
+/// [`LIVENESS_RECHECK_NS`]. Notifications and explicit connects ask fresh: a notification
+/// written into the shared-memory ring of a dead peer would otherwise vanish without an error.
+fn check_alive(peer: &Peer, fresh: bool) -> bool {
     if !peer.alive.load(Ordering::SeqCst) {
         return false;
     }
@@ -678,7 +743,9 @@ fn peer_alive(peer: &Peer) -> bool {
         return LOCAL_INSTANCES.lock().contains(&peer.info.socket);
     }
     let now = rixl_core::completion::monotonic_nanos();
-    if now.saturating_sub(peer.alive_checked_ns.load(Ordering::Relaxed)) < LIVENESS_RECHECK_NS {
+    if !fresh
+        && now.saturating_sub(peer.alive_checked_ns.load(Ordering::Relaxed)) < LIVENESS_RECHECK_NS
+    {
         return true;
     }
     let alive = socket_open(peer);
@@ -706,7 +773,7 @@ fn socket_open(peer: &Peer) -> bool {
 }
 
 fn send_notif_to(shared: &Arc<Shared>, peer: &Arc<Peer>, msg: &[u8]) -> Result<()> {
-    if !peer_alive(peer) {
+    if !check_alive(peer, true) {
         return Err(
             Error::remote_disconnect(format!("agent {:?} is gone", peer.name))
                 .with_peer(&peer.name),
@@ -874,7 +941,7 @@ impl Backend for Shm {
     fn connect(&self, peer: &str) -> Result<()> {
         let p = self.shared.peer(peer)?;
         connect_peer(&self.shared, &p)?;
-        if !peer_alive(&p) {
+        if !check_alive(&p, true) {
             let e = Error::remote_disconnect(format!("agent {peer:?} is gone")).with_peer(peer);
             self.shared.lost(&p, &e);
             return Err(e);
@@ -947,6 +1014,11 @@ impl Backend for Shm {
             for inbound in &list {
                 if let Some(r) = inbound.ring.get() {
                     r.set_attending(*n > 0);
+                    if !on {
+                        // Polls made while spinning opened a window; this thread is going
+                        // to sleep, so senders should ring again from now on.
+                        r.expire_polled();
+                    }
                 }
             }
             drop(n);

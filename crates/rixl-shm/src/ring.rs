@@ -8,10 +8,15 @@
 //! no system call and no thread switch on either side.
 //!
 //! Nobody polls an idle ring. The receiver publishes in the ring's header whether a thread is
-//! watching it right now (`attending`, set while `wait_notif` spins); when nobody is, the
-//! sender rings a doorbell, a small frame on the socket, which wakes the receiver's reader
-//! thread as before, at most one doorbell per wake-up (`bell`). The usual store-then-load on
-//! both sides (SeqCst) makes sure a record is never left behind with nobody told.
+//! watching it right now: `attending` while `wait_notif` spins, and `polled_until`, a deadline
+//! on the shared monotonic clock that every non-blocking poll (`get_notifs` in a loop, NIXL's
+//! Python style) pushes a little further. When nobody watches, the sender rings a doorbell, a
+//! small frame on the socket, which wakes the receiver's reader thread as before, at most one
+//! doorbell per wake-up (`bell`). A sender that skipped the doorbell because of `polled_until`
+//! relies on the reader thread waking up at that deadline, so the receiver sleeps no longer than
+//! it (and pokes its reader thread when a poll opens a new window). The usual
+//! store-then-load on both sides (SeqCst) makes sure a record is never left behind with nobody
+//! told.
 //!
 //! Records: `[u32 len][u32 kind][payload, padded to 8]`. A record never straddles the end of
 //! the data area: a `WRAP` record sends the reader to the start. A notification too large for
@@ -32,6 +37,7 @@ const TAIL_OFF: usize = 0;
 const HEAD_OFF: usize = 64;
 const ATTEND_OFF: usize = 128;
 const BELL_OFF: usize = 192;
+const POLLED_OFF: usize = 224;
 
 const KIND_MSG: u32 = 1;
 const KIND_WRAP: u32 = 2;
@@ -202,7 +208,9 @@ impl Ring {
         }
         self.word64(TAIL_OFF).store(at + need, Ordering::Release);
         fence(Ordering::SeqCst);
-        if self.word64(ATTEND_OFF).load(Ordering::SeqCst) != 0 {
+        if self.word64(ATTEND_OFF).load(Ordering::SeqCst) != 0
+            || now_ns() < self.word64(POLLED_OFF).load(Ordering::SeqCst)
+        {
             return Ok(false);
         }
         Ok(self.word32(BELL_OFF).swap(1, Ordering::SeqCst) == 0)
@@ -258,6 +266,28 @@ impl Ring {
     pub fn set_attending(&self, on: bool) {
         self.word64(ATTEND_OFF)
             .store(u64::from(on), Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+    }
+
+    /// A thread polled the ring without blocking and will probably poll again soon: senders
+    /// may skip the doorbell until `window_ns` from now. Returns true if the previous window
+    /// had expired (then the reader thread must learn the new deadline).
+    pub fn note_polled(&self, window_ns: u64) -> bool {
+        let now = now_ns();
+        let prev = self
+            .word64(POLLED_OFF)
+            .swap(now + window_ns, Ordering::SeqCst);
+        prev <= now
+    }
+
+    /// Until when senders may skip the doorbell because of polling (0: not at all).
+    pub fn polled_until(&self) -> u64 {
+        self.word64(POLLED_OFF).load(Ordering::SeqCst)
+    }
+
+    /// Ends the polling window now (a waiter is about to sleep).
+    pub fn expire_polled(&self) {
+        self.word64(POLLED_OFF).store(0, Ordering::SeqCst);
         fence(Ordering::SeqCst);
     }
 
@@ -320,6 +350,18 @@ impl Ring {
     }
 }
 
+/// `CLOCK_MONOTONIC` in nanoseconds: one clock for every process of the host, which both ends
+/// of a ring compare `polled_until` against.
+pub fn now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec, which we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 impl Drop for Ring {
     fn drop(&mut self) {
         // SAFETY: unmapping exactly the mapping made in `map`; nothing borrows it any more
@@ -361,8 +403,17 @@ mod tests {
             }
         }
         rx.clear_bell();
+        assert!(rx.note_polled(10_000_000_000), "no window was open");
+        assert!(!rx.note_polled(10_000_000_000), "the window was open");
+        assert!(
+            !tx.push(Some(b"p")).unwrap(),
+            "polled recently: no doorbell"
+        );
+        rx.expire_polled();
         rx.set_attending(true);
         assert!(!tx.push(None).unwrap(), "attended: no doorbell");
+        rx.set_attending(false);
+        assert!(tx.push(Some(b"q")).unwrap(), "nobody watches: doorbell");
         let mut n = 0;
         rx.drain(|r| {
             if let Record::Socket = r {
