@@ -56,7 +56,7 @@ pub const FACTORY: BackendFactory = BackendFactory {
     name: NAME,
     mems: &[MemType::Dram],
     default_params: &[
-        ("inline_max_bytes", "262144"),
+        ("inline_max_bytes", "4194304"),
         ("workers", "0"),
         ("socket_dir", ""),
     ],
@@ -80,7 +80,7 @@ fn create(ctx: BackendContext) -> Result<Arc<dyn Backend>> {
             return Err(Error::invalid_param(format!("SHM has no parameter {k:?}")));
         }
     }
-    let inline_max: u64 = ctx.param("inline_max_bytes")?.unwrap_or(256 << 10);
+    let inline_max: u64 = ctx.param("inline_max_bytes")?.unwrap_or(4 << 20);
     let mut workers: usize = ctx.param("workers")?.unwrap_or(0);
     if workers == 0 {
         workers = std::thread::available_parallelism()
@@ -1155,6 +1155,8 @@ impl BackendXfer for ShmXfer {
         });
         *self.current.lock() = Some(state.clone());
         let notif: Option<Arc<[u8]>> = notif.map(Arc::from);
+        let mut pieces = pieces.into_iter();
+        let first = pieces.next();
         for (l, r) in pieces {
             let (st, op, peer, shared, done, notif) = (
                 state.clone(),
@@ -1165,28 +1167,23 @@ impl BackendXfer for ShmXfer {
                 notif.clone(),
             );
             pool.spawn(Box::new(move || {
-                {
-                    let mut a = st.active.lock();
-                    if st.cancelled.load(Ordering::SeqCst) {
-                        drop(a);
-                        finish_part(&st, &shared, &peer, &done, notif.as_deref());
-                        return;
-                    }
-                    *a += 1;
-                }
-                let r = cma::transfer(peer.info.pid, op, &l, &r, || {
-                    !st.cancelled.load(Ordering::SeqCst)
-                });
-                if let Err(e) = r {
-                    st.error.lock().get_or_insert(e.with_peer(&peer.name));
-                }
-                {
-                    let mut a = st.active.lock();
-                    *a -= 1;
-                    st.idle.notify_all();
-                }
-                finish_part(&st, &shared, &peer, &done, notif.as_deref());
+                run_part(&st, op, &peer, &shared, &done, notif.as_deref(), &l, &r)
             }));
+        }
+        // The posting thread copies the first share itself, while the workers copy theirs: on
+        // a small machine a spare core is rarer than a thread that would only wait (and whose
+        // spinning would slow the workers down).
+        if let Some((l, r)) = first {
+            run_part(
+                &state,
+                self.op,
+                &self.peer,
+                &self.shared,
+                &done,
+                notif.as_deref(),
+                &l,
+                &r,
+            );
         }
         Ok(PostOutcome::InProgress)
     }
@@ -1218,6 +1215,41 @@ impl Drop for ShmXfer {
     fn drop(&mut self) {
         let _ = self.cancel();
     }
+}
+
+/// Copies one share of a split post, unless the post was cancelled, and counts it done.
+#[allow(clippy::too_many_arguments)]
+fn run_part(
+    st: &PostState,
+    op: XferOp,
+    peer: &Arc<Peer>,
+    shared: &Arc<Shared>,
+    done: &CompletionHandle,
+    notif: Option<&[u8]>,
+    l: &[Segment],
+    r: &[Segment],
+) {
+    {
+        let mut a = st.active.lock();
+        if st.cancelled.load(Ordering::SeqCst) {
+            drop(a);
+            finish_part(st, shared, peer, done, notif);
+            return;
+        }
+        *a += 1;
+    }
+    let res = cma::transfer(peer.info.pid, op, l, r, || {
+        !st.cancelled.load(Ordering::SeqCst)
+    });
+    if let Err(e) = res {
+        st.error.lock().get_or_insert(e.with_peer(&peer.name));
+    }
+    {
+        let mut a = st.active.lock();
+        *a -= 1;
+        st.idle.notify_all();
+    }
+    finish_part(st, shared, peer, done, notif);
 }
 
 fn finish_part(

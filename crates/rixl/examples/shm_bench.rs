@@ -1,7 +1,7 @@
 //! Two-process SHM bandwidth grid, the workload of issue 7's targets, for side-by-side runs
 //! with `bench/nixl_shm_compare.py` (the same grid through NIXL 1.5.1 over UCX).
 //!
-//! `cargo run --release -p rixl --example shm_bench [-- --quick]`
+//! `cargo run --release -p rixl --example shm_bench [-- --quick] [--param key=value ...]`
 //!
 //! The program re-executes itself as the target process, which registers one large buffer and
 //! publishes its metadata through the listener. The initiator then runs, for READ and WRITE,
@@ -109,7 +109,18 @@ fn initiator() -> rixl::Result<()> {
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
 
     let mut buf = vec![2u8; BUF];
-    let agent = Agent::new("bench-initiator", AgentConfig::default().backend("SHM"))?;
+    // `--param key=value` (repeatable) sets SHM backend parameters of the initiator, e.g.
+    // `--param inline_max_bytes=4194304`, to compare settings on the same machine.
+    let mut params = rixl::Params::new();
+    let args: Vec<String> = std::env::args().collect();
+    for pair in args.windows(2).filter(|w| w[0] == "--param") {
+        let (k, v) = pair[1].split_once('=').expect("--param takes key=value");
+        params.insert(k.to_owned(), v.to_owned());
+    }
+    let agent = Agent::new(
+        "bench-initiator",
+        AgentConfig::default().backend_with("SHM", params),
+    )?;
     register(&agent, &mut buf)?;
     let peer =
         agent.fetch_remote_metadata_blocking("bench-target", addr, Duration::from_secs(10))?;
