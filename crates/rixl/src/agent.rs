@@ -432,7 +432,8 @@ impl Agent {
         self.load_remote_metadata(&blob)
     }
 
-    /// Pushes this agent's full metadata to `addr` and waits until it was delivered.
+    /// Pushes this agent's full metadata to `addr` and waits until the receiver has loaded it
+    /// (its error, if it refused, is returned): a notification sent right after finds it.
     pub fn send_local_metadata_blocking(
         &self,
         addr: SocketAddr,
@@ -442,7 +443,7 @@ impl Agent {
         listener::exchange(addr, Kind::Load, &blob, self.secret().as_deref(), timeout).map(drop)
     }
 
-    /// Tells the listener at `addr` to drop this agent's metadata and waits until it was sent.
+    /// Tells the listener at `addr` to drop this agent's metadata and waits until it has.
     pub fn invalidate_local_metadata_blocking(
         &self,
         addr: SocketAddr,

@@ -47,8 +47,11 @@ pub enum Kind {
     Fetch = 2,
     /// The sender (payload: its name) withdrew its metadata.
     Invalidate = 3,
-    /// A refusal, payload: a UTF-8 reason.
+    /// A refusal: `[i32 LE status code][UTF-8 reason]`.
     Error = 4,
+    /// The answer to `Load` and `Invalidate`: done (empty payload). The sender learns that the
+    /// metadata is in (or out of) the receiver's cache before it sends anything that needs it.
+    Done = 5,
 }
 
 impl Kind {
@@ -58,6 +61,7 @@ impl Kind {
             2 => Kind::Fetch,
             3 => Kind::Invalidate,
             4 => Kind::Error,
+            5 => Kind::Done,
             _ => return None,
         })
     }
@@ -261,15 +265,24 @@ fn serve(inner: &Arc<AgentInner>, conn: &mut TcpStream, secret: Option<&[u8]>) -
             }
             Err(e) => return Err(e),
         };
+        let reply = |r: Result<()>, conn: &mut TcpStream| {
+            let sent = match r {
+                Ok(()) => write_frame(conn, Kind::Done, &[], secret),
+                Err(e) => write_frame(conn, Kind::Error, &error_payload(&e), secret),
+            };
+            sent.map_err(|e| Error::from_io(ErrorKind::Backend, "listener reply", &e))
+        };
         match kind {
             Kind::Load => {
-                if let Err(e) = inner.load_remote(&payload) {
+                let loaded = inner.load_remote(&payload).map(drop);
+                if let Err(e) = &loaded {
                     tracing::warn!(agent = %inner.name, "metadata pushed to the listener was not loaded: {e}");
                 }
+                reply(loaded, conn)?;
             }
             Kind::Fetch => {
                 let wanted = String::from_utf8_lossy(&payload);
-                let reply = if !wanted.is_empty() && wanted != inner.name {
+                let reply_blob = if !wanted.is_empty() && wanted != inner.name {
                     Err(Error::not_found(format!(
                         "this listener serves agent {:?}, not {wanted:?}",
                         inner.name
@@ -277,17 +290,18 @@ fn serve(inner: &Arc<AgentInner>, conn: &mut TcpStream, secret: Option<&[u8]>) -
                 } else {
                     inner.full_metadata()
                 };
-                let sent = match reply {
-                    Ok(blob) => write_frame(conn, Kind::Load, &blob, secret),
-                    Err(e) => write_frame(conn, Kind::Error, e.to_string().as_bytes(), secret),
-                };
-                sent.map_err(|e| Error::from_io(ErrorKind::Backend, "listener reply", &e))?;
+                match reply_blob {
+                    Ok(blob) => write_frame(conn, Kind::Load, &blob, secret)
+                        .map_err(|e| Error::from_io(ErrorKind::Backend, "listener reply", &e))?,
+                    Err(e) => reply(Err(e), conn)?,
+                }
             }
             Kind::Invalidate => {
                 let name = String::from_utf8_lossy(&payload).into_owned();
                 inner.invalidate_remote(&name);
+                reply(Ok(()), conn)?;
             }
-            Kind::Error => {}
+            Kind::Error | Kind::Done => {}
         }
     }
 }
@@ -313,7 +327,34 @@ fn connect_retrying(addr: SocketAddr, window: Duration) -> std::io::Result<TcpSt
     }
 }
 
-/// Sends one frame and, for a fetch, reads the reply on the same connection.
+/// `[i32 LE status code][message]` of an `Error` frame.
+fn error_payload(e: &Error) -> Vec<u8> {
+    let mut v = e.kind().code().to_le_bytes().to_vec();
+    v.extend_from_slice(e.message().as_bytes());
+    v
+}
+
+/// The error an `Error` frame from `addr` carries (its kind, or `Unknown` if garbled).
+fn remote_error(addr: SocketAddr, payload: &[u8]) -> Error {
+    let (kind, msg) = match payload {
+        [a, b, c, d, rest @ ..] => (
+            ErrorKind::from_code(i32::from_le_bytes([*a, *b, *c, *d]))
+                .unwrap_or(ErrorKind::Unknown),
+            rest,
+        ),
+        _ => (ErrorKind::Unknown, payload),
+    };
+    Error::new(
+        kind,
+        format!(
+            "the listener at {addr} refused: {}",
+            String::from_utf8_lossy(msg)
+        ),
+    )
+}
+
+/// Sends one frame and reads the answer on the same connection: the blob for a fetch, `Done`
+/// (or the receiver's error) for a load or an invalidation.
 pub(crate) fn exchange(
     addr: SocketAddr,
     kind: Kind,
@@ -330,16 +371,11 @@ pub(crate) fn exchange(
     })?;
     write_frame(&mut s, kind, payload, secret)
         .map_err(|e| Error::from_io(ErrorKind::Backend, format!("sending to {addr}"), &e))?;
-    if kind != Kind::Fetch {
-        return Ok(None);
-    }
-    match read_frame(&mut s, secret)? {
-        (Kind::Load, blob) => Ok(Some(blob)),
-        (Kind::Error, why) => Err(Error::not_found(format!(
-            "the listener at {addr} refused: {}",
-            String::from_utf8_lossy(&why)
-        ))),
-        (k, _) => Err(Error::mismatch(format!(
+    match (kind, read_frame(&mut s, secret)?) {
+        (Kind::Fetch, (Kind::Load, blob)) => Ok(Some(blob)),
+        (Kind::Load | Kind::Invalidate, (Kind::Done, _)) => Ok(None),
+        (_, (Kind::Error, why)) => Err(remote_error(addr, &why)),
+        (_, (k, _)) => Err(Error::mismatch(format!(
             "unexpected {k:?} reply from {addr}"
         ))),
     }

@@ -58,15 +58,23 @@ fn fetch_push_and_invalidate() {
         .fetch_remote_metadata_blocking("somebody-else", addr, T)
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
-    // Push ours, then withdraw it.
+    // Push ours, then withdraw it: the blocking forms return once the server has done it.
     client.send_local_metadata_blocking(addr, T).unwrap();
-    assert!(eventually(
-        || server.check_remote_metadata(client.name(), None)
-    ));
+    assert!(
+        server.check_remote_metadata(client.name(), None),
+        "send_local_metadata_blocking returned before the server loaded the blob"
+    );
+    // A second agent under the same name (a restarted peer) is refused, and the sender hears
+    // why: NIXL's rule, reported instead of logged on the far side.
+    let twin = Agent::new(client.name(), AgentConfig::default().backend("LOOPBACK")).unwrap();
+    let e = twin.send_local_metadata_blocking(addr, T).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotAllowed, "{e}");
+    assert!(e.to_string().contains("refused"), "{e}");
     client.invalidate_local_metadata_blocking(addr, T).unwrap();
-    assert!(eventually(
-        || !server.check_remote_metadata(client.name(), None)
-    ));
+    assert!(
+        !server.check_remote_metadata(client.name(), None),
+        "invalidate_local_metadata_blocking returned before the server dropped the entry"
+    );
     // The asynchronous forms.
     let other = plain("lsn-async", None);
     other.send_local_metadata(addr).unwrap();
@@ -87,9 +95,10 @@ fn fetch_push_and_invalidate() {
 fn shared_secret_rejects_unauthenticated_peers() {
     let (server, addr) = listening("lsn-secret", Some("open sesame"));
     let stranger = plain("lsn-stranger", None);
-    stranger.send_local_metadata_blocking(addr, T).unwrap();
+    // The listener drops unauthenticated frames without an answer: the sender gets an error.
+    stranger.send_local_metadata_blocking(addr, T).unwrap_err();
     let wrong = plain("lsn-wrong", Some("guess"));
-    wrong.send_local_metadata_blocking(addr, T).unwrap();
+    wrong.send_local_metadata_blocking(addr, T).unwrap_err();
     let e = stranger
         .fetch_remote_metadata_blocking(server.name(), addr, T)
         .unwrap_err();
