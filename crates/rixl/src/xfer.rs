@@ -364,53 +364,13 @@ impl Agent {
             .ok_or_else(|| Error::invalid_param("no backend is common to both prepared lists"))?;
         let (lres, rres) = (&l.resolutions[li], &r.resolutions[ri]);
         let (lent, rent) = (&lres.entries[..], &rres.entries[..]);
-        let (nl, nr) = (lent.len(), rent.len());
-        let mut local_segs = SegmentVec::with_capacity(local_indices.len());
-        let mut remote_segs = SegmentVec::with_capacity(local_indices.len());
-        let merge = !opts.skip_desc_merge;
-        let mut total: u64 = 0;
-        let n = local_indices.len();
-        let mut k = 0usize;
-        while k < n {
-            let (a, b) = (local_indices[k], remote_indices[k]);
-            let (Some(ld), Some(rd)) = (lent.get(a), rent.get(b)) else {
-                return Err(Error::invalid_param(format!(
-                    "index pair {k} ({a}, {b}) is out of range (lists have {nl} and {nr} descriptors)"
-                )));
-            };
-            if ld.len != rd.len {
-                return Err(Error::invalid_param(format!(
-                    "length mismatch at position {k}: local descriptor {a} has {} bytes, remote descriptor {b} has {}",
-                    ld.len, rd.len
-                )));
-            }
-            // Grow this pair of segments while both index sequences step by one and both sides
-            // continue contiguously in the same region; anything else (including an error at
-            // the next position) ends the run and is handled by the outer loop.
-            let (mut cl, mut cr) = (*ld, *rd);
-            total = total.saturating_add(ld.len);
-            let (mut pa, mut pb) = (a, b);
-            k += 1;
-            while merge && k < n {
-                let (a2, b2) = (local_indices[k], remote_indices[k]);
-                if a2 != pa.wrapping_add(1) || b2 != pb.wrapping_add(1) {
-                    break;
-                }
-                let (Some(l2), Some(r2)) = (lent.get(a2), rent.get(b2)) else {
-                    break;
-                };
-                if l2.len != r2.len || !contiguous(&cl, l2) || !contiguous(&cr, r2) {
-                    break;
-                }
-                cl.len += l2.len;
-                cr.len += l2.len;
-                total = total.saturating_add(l2.len);
-                (pa, pb) = (a2, b2);
-                k += 1;
-            }
-            local_segs.push(cl);
-            remote_segs.push(cr);
-        }
+        let (local_segs, remote_segs, total) = gather_and_merge(
+            lent,
+            local_indices,
+            rent,
+            remote_indices,
+            !opts.skip_desc_merge,
+        )?;
         let desc_count = local_segs.len() as u64;
         let backend = lres.backend.clone();
         let mut reg_ids = vec![l.reg_ids.clone()];
@@ -662,6 +622,72 @@ fn miss(i: usize, d: &Desc, side: &str, backend: &str) -> Error {
 
 /// True when `next` continues `seg` without a gap inside the same region.
 #[inline]
+/// The segments of a request made from index arrays: `lent[local_indices[k]]` paired with
+/// `rent[remote_indices[k]]`, lengths checked, and (if `merge`) runs where both index sequences
+/// step by one and both sides continue contiguously in one region merged into one pair. Also
+/// returns the byte count.
+///
+/// Written as passes over arrays rather than one loop with everything in it: with 10^4 random
+/// indices the prepared entries are mostly out of cache (the application just built the index
+/// arrays), and a plain gather loop lets the CPU overlap many of those misses, where the
+/// all-in-one loop waited for them one or two at a time (8192 random indices from a cold
+/// cache: 0.45 ms before).
+fn gather_and_merge(
+    lent: &[Segment],
+    local_indices: &[usize],
+    rent: &[Segment],
+    remote_indices: &[usize],
+    merge: bool,
+) -> Result<(SegmentVec, SegmentVec, u64)> {
+    let (nl, nr) = (lent.len(), rent.len());
+    let n = local_indices.len();
+    // Validation first (sequential reads only), so the gathers below cannot fail.
+    if let Some(k) = (0..n).find(|&k| local_indices[k] >= nl || remote_indices[k] >= nr) {
+        let (a, b) = (local_indices[k], remote_indices[k]);
+        return Err(Error::invalid_param(format!(
+            "index pair {k} ({a}, {b}) is out of range (lists have {nl} and {nr} descriptors)"
+        )));
+    }
+    let mut local_segs = SegmentVec::with_capacity(n);
+    let mut remote_segs = SegmentVec::with_capacity(n);
+    for &a in local_indices {
+        local_segs.push(lent[a]);
+    }
+    for &b in remote_indices {
+        remote_segs.push(rent[b]);
+    }
+    // Length check and merging, in place, over data that is now sequential.
+    let mut total: u64 = 0;
+    let mut w = 0usize;
+    for k in 0..n {
+        let (l, r) = (local_segs[k], remote_segs[k]);
+        if l.len != r.len {
+            return Err(Error::invalid_param(format!(
+                "length mismatch at position {k}: local descriptor {} has {} bytes, remote descriptor {} has {}",
+                local_indices[k], l.len, remote_indices[k], r.len
+            )));
+        }
+        total = total.saturating_add(l.len);
+        let extends = merge
+            && k > 0
+            && local_indices[k] == local_indices[k - 1].wrapping_add(1)
+            && remote_indices[k] == remote_indices[k - 1].wrapping_add(1)
+            && contiguous(&local_segs[w - 1], &l)
+            && contiguous(&remote_segs[w - 1], &r);
+        if extends {
+            local_segs[w - 1].len += l.len;
+            remote_segs[w - 1].len += l.len;
+        } else {
+            local_segs[w] = l;
+            remote_segs[w] = r;
+            w += 1;
+        }
+    }
+    local_segs.truncate(w);
+    remote_segs.truncate(w);
+    Ok((local_segs, remote_segs, total))
+}
+
 fn contiguous(seg: &Segment, next: &Segment) -> bool {
     seg.token == next.token && seg.dev == next.dev && seg.addr + seg.len == next.addr
 }
