@@ -59,6 +59,11 @@ impl NotifQueue {
         self.cond.notify_all();
     }
 
+    /// True when nothing is queued (one atomic load).
+    pub fn is_empty(&self) -> bool {
+        self.queued.load(Ordering::Acquire) == 0
+    }
+
     /// Removes and returns the notifications accepted by `filter` (by backend index), in
     /// arrival order; others stay queued.
     pub fn drain(&self, mut filter: impl FnMut(usize) -> bool) -> Vec<Notification> {

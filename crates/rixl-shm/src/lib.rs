@@ -299,6 +299,7 @@ fn accept_loop(shared: &Arc<Shared>, listener: UnixListener) {
             conn,
             pid,
             poke,
+            untimed: AtomicBool::new(false),
             ring: std::sync::OnceLock::new(),
             state: Mutex::new(InState::default()),
         });
@@ -323,6 +324,8 @@ struct Inbound {
     ring: std::sync::OnceLock<ring::Ring>,
     /// An eventfd that wakes the reader thread when a poll opens a new polling window.
     poke: std::os::fd::OwnedFd,
+    /// The reader thread sleeps without a deadline (then a new polling window must poke it).
+    untimed: AtomicBool,
     state: Mutex<InState>,
 }
 
@@ -497,14 +500,24 @@ const POLL_WINDOW_NS: u64 = 500_000;
 /// Blocks until `inbound`'s socket has input (or end of stream), its poke fires, or the ring's
 /// polling window ends.
 fn wait_readable(inbound: &Inbound) {
-    let timeout = inbound.ring.get().and_then(|r| {
+    let window = |r: &ring::Ring| {
         let (until, now) = (r.polled_until(), ring::now_ns());
         // A little past the deadline, so that the sender's clock has passed it too.
         (until > now).then(|| libc::timespec {
             tv_sec: ((until - now + 20_000) / 1_000_000_000) as libc::time_t,
             tv_nsec: ((until - now + 20_000) % 1_000_000_000) as libc::c_long,
         })
-    });
+    };
+    let mut timeout = inbound.ring.get().and_then(window);
+    if timeout.is_none() {
+        // About to sleep without a deadline: say so, then look again, so that a poll opening
+        // a window either is seen here or sees the flag and pokes (both sides SeqCst).
+        inbound.untimed.store(true, Ordering::SeqCst);
+        timeout = inbound.ring.get().and_then(window);
+        if timeout.is_some() {
+            inbound.untimed.store(false, Ordering::SeqCst);
+        }
+    }
     let mut pfd = [
         libc::pollfd {
             fd: inbound.conn.as_raw_fd(),
@@ -523,6 +536,7 @@ fn wait_readable(inbound: &Inbound) {
     // SAFETY: two valid pollfds for descriptors `inbound` owns, an optional timespec that
     // outlives the call, no signal mask.
     unsafe { libc::ppoll(pfd.as_mut_ptr(), 2, ts, std::ptr::null()) };
+    inbound.untimed.store(false, Ordering::SeqCst);
     if pfd[1].revents & libc::POLLIN != 0 {
         let mut v = 0u64;
         // SAFETY: reads the 8-byte eventfd counter into `v` (non-blocking descriptor).
@@ -570,13 +584,19 @@ fn serve_inbound(shared: &Shared, inbound: &Arc<Inbound>) {
 /// connection to drain.
 fn poll_inbound(shared: &Shared) {
     let list: Vec<Arc<Inbound>> = shared.inbound.lock().clone();
+    // A thread inside `wait_notif` marks the rings attended; only other polls (NIXL-style
+    // `get_notifs` loops) open polling windows.
+    let attended = *shared.attending.lock() > 0;
     for inbound in list {
         // With a ring, waiting threads read only the ring (one atomic load when it is empty);
         // the socket then carries doorbells for the reader thread, and notifications too
         // large for the ring, which a stalled `SOCKET` record asks for.
         let ring_only = match inbound.ring.get() {
             Some(r) => {
-                if r.note_polled(POLL_WINDOW_NS) {
+                if !attended
+                    && r.note_polled(POLL_WINDOW_NS)
+                    && inbound.untimed.load(Ordering::SeqCst)
+                {
                     poke(&inbound);
                 }
                 if !r.has_data() {
@@ -772,8 +792,15 @@ fn socket_open(peer: &Peer) -> bool {
     !(n > 0 && pfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0)
 }
 
-fn send_notif_to(shared: &Arc<Shared>, peer: &Arc<Peer>, msg: &[u8]) -> Result<()> {
-    if !check_alive(peer, true) {
+/// Sends a notification. `after_data`: it belongs to a post whose data just reached the peer,
+/// which proves the peer alive a moment ago, so the socket need not be asked again.
+fn send_notif_to(
+    shared: &Arc<Shared>,
+    peer: &Arc<Peer>,
+    msg: &[u8],
+    after_data: bool,
+) -> Result<()> {
+    if !check_alive(peer, !after_data) {
         return Err(
             Error::remote_disconnect(format!("agent {:?} is gone", peer.name))
                 .with_peer(&peer.name),
@@ -998,7 +1025,7 @@ impl Backend for Shm {
 
     fn send_notif(&self, peer: &str, msg: &[u8]) -> Result<()> {
         let p = self.shared.peer(peer)?;
-        send_notif_to(&self.shared, &p, msg)
+        send_notif_to(&self.shared, &p, msg, false)
     }
 
     fn poll_notifs(&self) {
@@ -1140,7 +1167,7 @@ impl BackendXfer for ShmXfer {
             cma::transfer(pid, self.op, &self.local, &self.remote, || true)
                 .map_err(|e| self.fail(e))?;
             if let Some(msg) = notif {
-                send_notif_to(&self.shared, &self.peer, msg)?;
+                send_notif_to(&self.shared, &self.peer, msg, true)?;
             }
             return Ok(PostOutcome::Done);
         };
@@ -1278,7 +1305,7 @@ fn finish_part(
             Err(e.with_backend(NAME))
         }
         None => match notif {
-            Some(msg) => send_notif_to(shared, peer, msg),
+            Some(msg) => send_notif_to(shared, peer, msg, true),
             None => Ok(()),
         },
     };

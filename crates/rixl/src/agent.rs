@@ -500,9 +500,13 @@ impl Agent {
     pub fn get_notifs(&self, backends: &[&str]) -> Result<Vec<Notification>> {
         let filter = self.inner.notif_filter(backends)?;
         // Take what already arrived (SHM's ring: one atomic load per peer when empty), so
-        // that a caller polling in a loop does not wait for a backend thread to wake up.
-        for s in self.notif_slots() {
-            s.backend.poll_notifs();
+        // that a caller polling in a loop does not wait for a backend thread to wake up. Not
+        // when something is queued already (the usual `wait_notif`, then `get_notifs`): the
+        // caller gets that now, and a poll would only tell backends to expect more polls.
+        if self.inner.notifs.is_empty() {
+            for s in self.notif_slots() {
+                s.backend.poll_notifs();
+            }
         }
         Ok(self.inner.notifs.drain(|b| filter.allows(b)))
     }
