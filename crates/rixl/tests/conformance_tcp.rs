@@ -26,43 +26,26 @@ mod cross_process {
     rixl_testkit::cross_process_conformance_tests!(super::harness());
 }
 
-/// The suite again with every transfer striped: four connections, 4 KiB chunks and no minimum
-/// size, so that even one-page posts take the multi-connection path with counted parts and
-/// notifications that wait for all of them, and `connections = 1` for the single-stream path.
-mod striped {
-    rixl_testkit::conformance_tests!(rixl_testkit::BackendHarness::new("TCP")
+/// Every transfer striped: four connections, 4 KiB chunks and no minimum size, so that even
+/// one-page posts take the multi-connection path with counted parts and notifications that
+/// wait for all of them.
+fn striped() -> rixl_testkit::BackendHarness {
+    harness()
         .param("connections", "4")
         .param("stripe_min_bytes", "0")
         .param("chunk_bytes", "4096")
-        .remote(true)
-        .local(false)
-        .notif(true)
-        .estimates_cost(true)
-        .query_mem(false)
-        .target_checks_deregistration(true));
+}
+
+mod striped {
+    rixl_testkit::conformance_tests!(super::striped());
 }
 
 /// Striped, with the target in a peer process.
 mod striped_cross_process {
-    rixl_testkit::cross_process_conformance_tests!(rixl_testkit::BackendHarness::new("TCP")
-        .param("connections", "4")
-        .param("stripe_min_bytes", "0")
-        .param("chunk_bytes", "4096")
-        .remote(true)
-        .local(false)
-        .notif(true)
-        .estimates_cost(true)
-        .query_mem(false)
-        .target_checks_deregistration(true));
+    rixl_testkit::cross_process_conformance_tests!(super::striped());
 }
 
+/// The single-stream path.
 mod one_connection {
-    rixl_testkit::conformance_tests!(rixl_testkit::BackendHarness::new("TCP")
-        .param("connections", "1")
-        .remote(true)
-        .local(false)
-        .notif(true)
-        .estimates_cost(true)
-        .query_mem(false)
-        .target_checks_deregistration(true));
+    rixl_testkit::conformance_tests!(super::harness().param("connections", "1"));
 }
