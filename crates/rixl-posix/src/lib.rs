@@ -34,6 +34,8 @@
 //! into operations of at most `max_io_size` bytes (16 MiB).
 //! A post hands every operation to the engine at once and returns `InProgress`; the engine's
 //! own thread calls `complete` when the last operation finished, with the first error if any.
+//! Under `engine=auto`, a small post on buffered files runs in the posting thread instead and
+//! returns `Done` (or its error) — see "Engines".
 //! Short reads and writes are resumed where they stopped; a read that reaches the end of the
 //! file fails (`Backend`, as in NIXL) with "read of N bytes at offset X of F returned M: end of
 //! file". OS errors
@@ -46,18 +48,47 @@
 //!
 //! ## Engines
 //!
-//! - `io_uring` (default): one ring and one thread per backend (the `uring` module explains the
-//!   design): batched submission, `kernel_queue_size` operations in flight, registered files,
-//!   the thread blocks in `io_uring_enter` until a completion or a new post arrives.
-//! - `threads`: worker threads doing `pread`/`pwrite`, used automatically when io_uring cannot
-//!   be set up (ENOSYS under seccomp, `kernel.io_uring_disabled`, an old kernel) or on request.
-//!   The engine in use is reported by `params()["engine"]`, and a fallback is logged with the
-//!   reason and reported in `params()["engine_fallback_reason"]`.
+//! - `io_uring`: one ring and one thread per backend (the `uring` module explains the design):
+//!   batched submission, `kernel_queue_size` operations in flight, registered files, the thread
+//!   blocks in `io_uring_enter` until a completion or a new post arrives.
+//! - `threads`: worker threads doing `pread`/`pwrite` (the `threads` module explains how they
+//!   share a post's operations).
+//! - `auto` (the default): O_DIRECT files on io_uring, buffered files on the thread pool, and
+//!   buffered posts of at most `inline_max_bytes` in the posting thread. When io_uring cannot
+//!   be set up (ENOSYS under seccomp, `kernel.io_uring_disabled`, an old kernel) everything
+//!   runs on the thread pool; the fallback is logged with the reason and reported in
+//!   `params()["engine_fallback_reason"]`.
 //!
-//! Which is faster depends on the load. On the project's 2-core VM, io_uring is the clear
-//! choice for O_DIRECT (4 KiB random reads at queue depth 128: ~62k IOPS against ~24k for four
-//! threads) and equal for large sequential transfers; for small buffered reads that hit the page
-//! cache the thread pool copies on every core and is faster (see `benches/posix_bw.rs`).
+//! `params()` reports what runs: `engine` (`io_uring`, `threads`, or `io_uring+threads` for
+//! `auto` with io_uring), `engine_direct` and `engine_buffered` (the engine for each kind of
+//! file) and `inline_max_bytes` (0 when nothing runs inline).
+//!
+//! Why `auto` splits the work: the two kinds of I/O are limited by different things.
+//!
+//! - **O_DIRECT** waits for the device. What matters is the number of operations in flight
+//!   per CPU spent, which is io_uring's strength (4 KiB random reads at queue depth 128 on the
+//!   project's 2-core VM: ~75k IOPS, fio's figure, against ~34k for the thread pool, whose
+//!   workers have one operation each).
+//! - **Buffered** I/O is a CPU copy between the buffer and the page cache, done by whichever
+//!   thread issues the call. io_uring adds work here and no parallelism where it would count:
+//!   a buffered write on ext4 cannot be issued without blocking, so io_uring hands every one to
+//!   an `io-wq` worker, and serialises the workers of one file (the kernel takes the inode lock
+//!   for the whole copy anyway) — one worker copying plus a completion wake-up of the ring
+//!   thread per operation; buffered reads from the cache are copied by the ring thread itself
+//!   (or by io-wq workers when punted). The thread pool lets one worker write a file's run of
+//!   operations in order (the fastest the kernel allows: one copying core), and spreads
+//!   cached reads over all cores (on 2 cores ~1.3x one core). See the comparison with NIXL
+//!   in `bench/nixl_posix_compare.py`.
+//! - **Small buffered posts** cost more to hand over than to copy: a 4 KiB read is ~1 µs of
+//!   copying against ~6 µs (thread pool) or ~8 µs (io_uring) from post to completion, mostly
+//!   a thread wake-up on each side. Up to `inline_max_bytes` (512 KiB: where the pool's
+//!   parallel copy on 2 cores starts to pay for its hand-offs) the posting thread does the
+//!   I/O itself, as NIXL's default libaio queue does for buffered files (Linux AIO on a
+//!   buffered file copies inside `io_submit`). It must not block there on a device: reads use
+//!   `preadv2(RWF_NOWAIT)`, which only copies what the page cache holds, and the first chunk
+//!   that would wait goes, with the rest, to the thread pool (the post then returns
+//!   `InProgress`); writes to O_SYNC files never run inline. A plain buffered write can still
+//!   sleep briefly in the kernel (dirty-page throttling, memory reclaim), as with NIXL.
 //!
 //! Keep DRAM buffers page-aligned for buffered I/O: on AMD EPYC hosts the kernel's copy into a
 //! buffer that starts a few bytes past a page boundary (what `malloc` returns for large
@@ -67,14 +98,19 @@
 //!
 //! | Param (default) | Meaning |
 //! |---|---|
-//! | `engine` (`auto`) | `auto`: io_uring, else threads. `io_uring`: io_uring or a creation error. `threads`: the thread pool. |
+//! | `engine` (`auto`) | `auto`: O_DIRECT on io_uring, buffered on the thread pool, small buffered posts inline; all on the thread pool without io_uring. `io_uring`: everything on io_uring, or a creation error. `threads`: everything on the thread pool. (`io_uring+threads`, what `params()` reports for `auto`, means `auto`.) |
 //! | `use_uring` (`false`) | NIXL's name: same as `engine=io_uring`. |
-//! | `use_aio` (`false`) | NIXL's libaio queue. RIXL has no libaio engine; io_uring is the kernel's asynchronous I/O path, so this means `engine=auto`. |
+//! | `use_aio` (`false`) | NIXL's libaio queue, which is asynchronous for O_DIRECT and copies inside `io_submit` for buffered files; `engine=auto` does the same with io_uring and inline posts. |
 //! | `use_posix_aio` (`false`) | NIXL's POSIX AIO queue; glibc implements it with threads doing pread/pwrite, so this means `engine=threads`. |
 //! | `kernel_queue_size` (256) | io_uring: data operations in flight (the ring is sized from it). |
 //! | `ios_pool_size` (65536) | Most I/O operations one post may need (as NIXL's I/O pool, a larger request is refused with `InvalidParam`). |
 //! | `num_threads` (0 = auto: 2 per core, 4–32) | Workers of the thread-pool engine. |
 //! | `max_io_size` (16 MiB) | Largest single read or write; larger segments are split. |
+//! | `inline_max_bytes` (524288) | `engine=auto`: buffered posts of at most this many bytes, and at most one operation per 4 KiB of it (128), start in the posting thread; 0 turns that off. |
+//!
+//! `params()` adds `engine_direct`, `engine_buffered` and, after a fallback,
+//! `engine_fallback_reason`; these are accepted back (and ignored) so that a backend's
+//! effective parameters can create another one.
 //!
 //! At most one of the three `use_*` flags may be true, and it must agree with `engine`.
 //!
@@ -107,11 +143,14 @@ use rixl_core::{
 
 use crate::engine::Engine;
 use crate::params::{Config, EngineChoice};
-use crate::plan::{Chunk, Plan, Post};
+use crate::plan::{Chunk, Inline, Plan, Post};
 use crate::region::Region;
 
 /// The backend's name.
 pub const NAME: &str = "POSIX";
+
+/// `params()["engine"]` of `engine=auto` when io_uring is available.
+pub const AUTO_LABEL: &str = "io_uring+threads";
 
 const MEMS: &[MemType] = &[MemType::Dram, MemType::File, MemType::Blk];
 
@@ -132,7 +171,15 @@ fn create(ctx: BackendContext) -> Result<Arc<dyn Backend>> {
 pub struct Posix {
     cfg: Config,
     params: Params,
-    engine: Arc<dyn Engine>,
+    /// What `params()["engine"]` reports.
+    engine_label: &'static str,
+    /// Runs posts that touch an O_DIRECT file.
+    direct: Arc<dyn Engine>,
+    /// Runs posts on buffered files only.
+    buffered: Arc<dyn Engine>,
+    /// Posts on buffered files of at most this many bytes start in the posting thread
+    /// (`engine=auto` only; 0 = never).
+    inline_max: u64,
     regions: RwLock<HashMap<u64, Arc<Region>>>,
     next_token: AtomicU64,
 }
@@ -146,40 +193,81 @@ impl Posix {
             .collect();
         params.extend(given.iter().map(|(k, v)| (k.clone(), v.clone())));
         let cfg = Config::from_params(&params)?;
-        let engine: Arc<dyn Engine> = match cfg.choice {
-            EngineChoice::Threads => Arc::new(threads::Threads::new(cfg.threads)?),
-            EngineChoice::Uring => Arc::new(uring::Uring::new(cfg.queue_depth).map_err(|e| {
-                Error::backend(format!(
-                    "POSIX: io_uring was requested but cannot be used: {}",
-                    e.message()
-                ))
-            })?),
-            EngineChoice::Auto => match uring::Uring::new(cfg.queue_depth) {
-                Ok(u) => Arc::new(u),
-                Err(e) => {
-                    tracing::warn!(
-                        "POSIX: io_uring unavailable ({}); using the thread-pool engine",
-                        e.message()
-                    );
-                    params.insert("engine_fallback_reason".into(), e.message().to_owned());
-                    Arc::new(threads::Threads::new(cfg.threads)?)
-                }
-            },
+        let threads = |cfg: &Config| -> Result<Arc<dyn Engine>> {
+            Ok(Arc::new(threads::Threads::new(cfg.threads)?))
         };
-        params.insert("engine".into(), engine.name().into());
+        let (label, direct, buffered, inline_max): (_, Arc<dyn Engine>, Arc<dyn Engine>, _) =
+            match cfg.choice {
+                EngineChoice::Threads => {
+                    let t = threads(&cfg)?;
+                    ("threads", t.clone(), t, 0)
+                }
+                EngineChoice::Uring => {
+                    let u: Arc<dyn Engine> =
+                        Arc::new(uring::Uring::new(cfg.queue_depth).map_err(|e| {
+                            Error::backend(format!(
+                                "POSIX: io_uring was requested but cannot be used: {}",
+                                e.message()
+                            ))
+                        })?);
+                    ("io_uring", u.clone(), u, 0)
+                }
+                EngineChoice::Auto => match uring::Uring::new(cfg.queue_depth) {
+                    Ok(u) => (AUTO_LABEL, Arc::new(u), threads(&cfg)?, cfg.inline_max),
+                    Err(e) => {
+                        tracing::warn!(
+                            "POSIX: io_uring unavailable ({}); using the thread-pool engine",
+                            e.message()
+                        );
+                        params.insert("engine_fallback_reason".into(), e.message().to_owned());
+                        let t = threads(&cfg)?;
+                        ("threads", t.clone(), t, cfg.inline_max)
+                    }
+                },
+            };
+        params.insert("engine".into(), label.into());
+        params.insert("engine_direct".into(), direct.name().into());
+        params.insert("engine_buffered".into(), buffered.name().into());
+        params.insert("inline_max_bytes".into(), inline_max.to_string());
         params.insert("num_threads".into(), cfg.threads.to_string());
         Ok(Posix {
             cfg,
             params,
-            engine,
+            engine_label: label,
+            direct,
+            buffered,
+            inline_max,
             regions: RwLock::new(HashMap::new()),
             next_token: AtomicU64::new(1),
         })
     }
 
-    /// The engine in use: `"io_uring"` or `"threads"`.
+    /// The engine in use, as `params()["engine"]` reports it: `"io_uring"`, `"threads"`, or
+    /// `"io_uring+threads"` (`engine=auto`: O_DIRECT files on io_uring, buffered ones on the
+    /// thread pool).
     pub fn engine_name(&self) -> &'static str {
-        self.engine.name()
+        self.engine_label
+    }
+
+    /// The prepared transfer for `plan`: which engine runs it and whether it starts inline.
+    fn xfer_for(&self, plan: Plan) -> PosixXfer {
+        let engine = if plan.any_direct() {
+            self.direct.clone()
+        } else {
+            self.buffered.clone()
+        };
+        // A budget in bytes and in system calls: many tiny pieces must not keep the caller
+        // in thousands of them.
+        let inline = self.inline_max > 0
+            && plan.bytes <= self.inline_max
+            && plan.chunks.len() as u64 <= (self.inline_max / 4096).max(1)
+            && plan.inline_ok();
+        PosixXfer {
+            plan: Arc::new(plan),
+            engine,
+            inline,
+            current: Mutex::new(None),
+        }
     }
 
     fn build_plan(&self, spec: &XferSpec<'_>) -> Result<Plan> {
@@ -210,6 +298,7 @@ impl Posix {
         let mut index_of: HashMap<u64, u32> = HashMap::new();
         let mut last: Option<(u64, u32)> = None;
         let mut chunks = Vec::with_capacity(spec.local.len());
+        let mut bytes = 0u64;
         for (i, (l, r)) in spec.local.iter().zip(spec.remote.iter()).enumerate() {
             if l.len != r.len {
                 return Err(Error::invalid_param(format!(
@@ -242,6 +331,7 @@ impl Posix {
             };
             let reg = &regions[ri as usize];
             check_segment(spec.op, reg, i, l.addr, r.addr, l.len)?;
+            bytes += l.len;
             let mut done = 0u64;
             while done < l.len {
                 let n = (l.len - done).min(max_io);
@@ -265,6 +355,7 @@ impl Posix {
             op: spec.op,
             chunks,
             regions,
+            bytes,
         })
     }
 }
@@ -372,7 +463,12 @@ impl Backend for Posix {
                     Some(m) => Region::open(mem, &m)?,
                     None => Region::borrow_fd(mem, desc.desc.dev, &desc.meta)?,
                 };
-                region.fixed = self.engine.fixed_slot(region.fd);
+                let engine = if region.direct {
+                    &self.direct
+                } else {
+                    &self.buffered
+                };
+                region.fixed = engine.fixed_slot(region.fd);
                 self.regions.write().insert(token, Arc::new(region));
             }
             other => {
@@ -404,11 +500,7 @@ impl Backend for Posix {
 
     fn prepare_xfer(&self, spec: XferSpec<'_>) -> Result<Box<dyn BackendXfer>> {
         let plan = self.build_plan(&spec)?;
-        Ok(Box::new(PosixXfer {
-            plan: Arc::new(plan),
-            engine: self.engine.clone(),
-            current: Mutex::new(None),
-        }))
+        Ok(Box::new(self.xfer_for(plan)))
     }
 
     fn query_mem(&self, _mem: MemType, descs: &[RegDesc]) -> Result<Vec<Option<Params>>> {
@@ -427,6 +519,8 @@ impl Backend for Posix {
 struct PosixXfer {
     plan: Arc<Plan>,
     engine: Arc<dyn Engine>,
+    /// Start each post in the posting thread ([`Plan::run_inline`]).
+    inline: bool,
     /// The latest post (finished or not).
     current: Mutex<Option<Arc<Post>>>,
 }
@@ -442,7 +536,16 @@ impl BackendXfer for PosixXfer {
             // Nothing to move (the agent never prepares empty transfers; be safe anyway).
             return Ok(PostOutcome::Done);
         }
-        let post = Post::new(self.plan.clone(), done);
+        let mut first = 0;
+        if self.inline {
+            // The previous post has finished (the agent refuses to repost one in progress).
+            *self.current.lock() = None;
+            match self.plan.run_inline()? {
+                Inline::Done => return Ok(PostOutcome::Done),
+                Inline::HandOff(i) => first = i,
+            }
+        }
+        let post = Post::new(self.plan.clone(), first, done);
         *self.current.lock() = Some(post.clone());
         self.engine.submit(post);
         Ok(PostOutcome::InProgress)

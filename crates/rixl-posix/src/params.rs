@@ -12,12 +12,18 @@ pub(crate) const DEFAULTS: &[(&str, &str)] = &[
     ("kernel_queue_size", "256"),
     ("num_threads", "0"),
     ("max_io_size", "16777216"),
+    ("inline_max_bytes", "524288"),
 ];
+
+/// Keys `params()` reports but that configure nothing; accepted back so that a backend's
+/// effective parameters can create a new backend unchanged.
+const REPORT_ONLY: &[&str] = &["engine_fallback_reason", "engine_direct", "engine_buffered"];
 
 /// Which engine the caller asked for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum EngineChoice {
-    /// io_uring, falling back to the thread pool when io_uring cannot be set up.
+    /// O_DIRECT files on io_uring, buffered files on the thread pool (small posts inline);
+    /// everything on the thread pool when io_uring cannot be set up.
     Auto,
     /// io_uring or a creation error.
     Uring,
@@ -37,6 +43,8 @@ pub(crate) struct Config {
     pub threads: usize,
     /// Largest single read or write; larger segments are split.
     pub max_io: u32,
+    /// `engine=auto`: buffered posts of at most this many bytes start in the posting thread.
+    pub inline_max: u64,
 }
 
 /// Largest ring NIXL's `kernel_queue_size` may ask for (the kernel's own limit).
@@ -79,9 +87,7 @@ impl Config {
     /// refused so that a misspelt tuning knob does not silently do nothing.
     pub fn from_params(p: &Params) -> Result<Config> {
         for k in p.keys() {
-            // `engine_fallback_reason` is only ever reported by `params()`; accepting it back
-            // lets effective parameters be passed to a new backend unchanged.
-            if !DEFAULTS.iter().any(|(d, _)| d == k) && k != "engine_fallback_reason" {
+            if !DEFAULTS.iter().any(|(d, _)| d == k) && !REPORT_ONLY.contains(&k.as_str()) {
                 let known: Vec<&str> = DEFAULTS.iter().map(|(k, _)| *k).collect();
                 return Err(Error::invalid_param(format!(
                     "POSIX does not know parameter {k:?} (known: {})",
@@ -124,7 +130,8 @@ impl Config {
         };
         let engine = get("engine");
         let rixl = match engine.trim().to_ascii_lowercase().as_str() {
-            "auto" | "" => None,
+            // `io_uring+threads` is what `params()` reports for `auto`.
+            "auto" | "" | crate::AUTO_LABEL => None,
             "io_uring" | "uring" => Some(EngineChoice::Uring),
             "threads" | "thread_pool" => Some(EngineChoice::Threads),
             other => {
@@ -161,12 +168,14 @@ impl Config {
                 "POSIX parameter max_io_size={max_io} must be a multiple of 4096"
             )));
         }
+        let inline_max = parse_num("inline_max_bytes", get("inline_max_bytes"), 0, 1 << 30)?;
         Ok(Config {
             choice,
             queue_depth,
             ios_pool_size,
             threads,
             max_io: max_io as u32,
+            inline_max,
         })
     }
 }
@@ -190,6 +199,7 @@ mod tests {
         assert_eq!(c.queue_depth, 256);
         assert_eq!(c.ios_pool_size, 65536);
         assert_eq!(c.max_io, 16 << 20);
+        assert_eq!(c.inline_max, 512 << 10);
         assert!(c.threads >= 4);
     }
 
@@ -212,6 +222,12 @@ mod tests {
             EngineChoice::Threads
         );
         assert_eq!(
+            cfg(&[("engine", "io_uring+threads"), ("use_aio", "true")])
+                .unwrap()
+                .choice,
+            EngineChoice::Auto
+        );
+        assert_eq!(
             cfg(&[("engine", "io_uring"), ("use_uring", "true")])
                 .unwrap()
                 .choice,
@@ -228,6 +244,8 @@ mod tests {
             &[("kernel_queue_size", "0")],
             &[("kernel_queue_size", "-1")],
             &[("max_io_size", "5000")],
+            &[("inline_max_bytes", "-1")],
+            &[("inline_max_bytes", "2147483648")],
             &[("use_uring", "maybe")],
             &[("no_such_knob", "1")],
         ] {

@@ -30,11 +30,45 @@ pub(crate) struct Plan {
     /// anything else) for as long as a request built on them exists, even if the caller
     /// deregisters in between.
     pub regions: Vec<Arc<Region>>,
+    /// Bytes of all chunks together.
+    pub bytes: u64,
+}
+
+/// How an inline attempt ([`Plan::run_inline`]) ended.
+#[derive(Debug)]
+pub(crate) enum Inline {
+    /// Every chunk moved.
+    Done,
+    /// Chunk `i` would block (its data is not in the page cache): it and the ones after it
+    /// must run on an engine.
+    HandOff(usize),
 }
 
 impl Plan {
     pub fn region(&self, c: &Chunk) -> &Region {
         &self.regions[c.region as usize]
+    }
+
+    /// True if some chunk is on an O_DIRECT file.
+    pub fn any_direct(&self) -> bool {
+        self.regions.iter().any(|r| r.direct)
+    }
+
+    /// True if the posting thread may run this plan itself: only buffered files, and no write
+    /// to an O_SYNC file (which would wait for the device).
+    pub fn inline_ok(&self) -> bool {
+        !self
+            .regions
+            .iter()
+            .any(|r| r.direct || (self.op == XferOp::Write && r.sync))
+    }
+
+    /// True if writes of this plan to `r` gain nothing from running in parallel: buffered
+    /// writes to one file take its inode lock for the whole copy (ext4, xfs, btrfs), so a
+    /// second thread only waits and adds lock hand-offs. O_DIRECT and O_SYNC writes spend
+    /// their time waiting for the device, outside that lock, and do run in parallel.
+    pub fn serial_on(&self, r: &Region) -> bool {
+        self.op == XferOp::Write && !r.direct && !r.sync
     }
 
     fn what(&self) -> &'static str {
@@ -151,6 +185,66 @@ impl Plan {
         }
         Ok(())
     }
+
+    /// Runs the plan in the calling thread, chunk after chunk, as long as nothing has to wait
+    /// for a device: reads use `preadv2(RWF_NOWAIT)`, which copies from the page cache and
+    /// returns `EAGAIN` (or a short count) where the data is not cached; the first such chunk
+    /// is handed back, to be redone in full by an engine (reading it again is harmless).
+    /// Writes are plain `pwrite`s ([`Plan::inline_ok`] keeps O_SYNC files out), which copy
+    /// into the page cache. An error fails the whole post, as it would on an engine.
+    pub fn run_inline(&self) -> Result<Inline> {
+        static NEVER: AtomicBool = AtomicBool::new(false);
+        for (i, c) in self.chunks.iter().enumerate() {
+            match self.op {
+                XferOp::Write => self.run_blocking(c, &NEVER)?,
+                XferOp::Read => {
+                    if !self.read_nowait(c) {
+                        return Ok(Inline::HandOff(i));
+                    }
+                }
+            }
+        }
+        Ok(Inline::Done)
+    }
+
+    /// Reads chunk `c` with `RWF_NOWAIT`; false if it could not be read without blocking (or
+    /// failed: the engine that redoes it reports the error with a blocking read).
+    fn read_nowait(&self, c: &Chunk) -> bool {
+        let r = self.region(c);
+        if !r.nowait.load(Ordering::Relaxed) {
+            return false;
+        }
+        let len = u64::from(c.len);
+        let mut done = 0u64;
+        while done < len {
+            let iov = libc::iovec {
+                iov_base: (c.buf + done) as usize as *mut libc::c_void,
+                iov_len: (len - done) as usize,
+            };
+            let off = (c.off + done) as libc::off_t;
+            // SAFETY: `iov` describes the unread rest of the chunk's DRAM range, which the
+            // agent validated against a registration whose owner keeps it valid and untouched
+            // during transfers; the plan keeps `r.fd` open; the offset fits in `off_t`.
+            let res = unsafe { libc::preadv2(r.fd, &iov, 1, off, libc::RWF_NOWAIT) };
+            if res < 0 {
+                match io::Error::last_os_error().raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    // A kernel or file system without RWF_NOWAIT for buffered reads.
+                    Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) => {
+                        r.nowait.store(false, Ordering::Relaxed);
+                        return false;
+                    }
+                    _ => return false,
+                }
+            }
+            // 0 is the end of the file: the engine's blocking read reports it properly.
+            if res == 0 {
+                return false;
+            }
+            done += res as u64;
+        }
+        true
+    }
 }
 
 #[derive(Debug, Default)]
@@ -162,13 +256,15 @@ struct PostSlow {
 
 /// One post of a plan, shared by the posting thread and the engine.
 ///
-/// Every chunk is accounted exactly once through [`Post::chunks_done`]: when it completed, failed,
+/// Every chunk from `first` on is accounted exactly once through [`Post::chunks_done`]: when it completed, failed,
 /// or was skipped because the post stopped. The call that accounts for the last one must call
 /// [`Post::finish`], which reports the result. Nothing of the post is in the kernel or in a
 /// worker any more at that point, which is what makes `cancel` (wait for `finish`) fenced.
 #[derive(Debug)]
 pub(crate) struct Post {
     pub plan: Arc<Plan>,
+    /// The first chunk this post runs: 0, or where an inline attempt handed over.
+    pub first: usize,
     done: CompletionHandle,
     outstanding: AtomicUsize,
     /// Set on the first error or on cancel: chunks not yet started are skipped.
@@ -178,10 +274,12 @@ pub(crate) struct Post {
 }
 
 impl Post {
-    pub fn new(plan: Arc<Plan>, done: CompletionHandle) -> Arc<Post> {
-        let n = plan.chunks.len();
+    /// A post of chunks `first..` of `plan`.
+    pub fn new(plan: Arc<Plan>, first: usize, done: CompletionHandle) -> Arc<Post> {
+        let n = plan.chunks.len() - first;
         Arc::new(Post {
             plan,
+            first,
             done,
             outstanding: AtomicUsize::new(n),
             stop: AtomicBool::new(false),

@@ -6,6 +6,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use rixl_core::{Error, ErrorKind, MemType, Params, Result};
@@ -50,6 +51,12 @@ pub(crate) struct Region {
     pub append: bool,
     /// Opened with O_DIRECT (path mode `direct`, or an fd whose status flags include it).
     pub direct: bool,
+    /// Opened with O_SYNC or O_DSYNC (path mode `sync`, or the fd's status flags): every write
+    /// waits for the device, so writes to it are neither serialised nor run inline.
+    pub sync: bool,
+    /// Cleared once a `RWF_NOWAIT` read of this file was refused as unsupported, so inline
+    /// reads stop trying it (see `Plan::run_inline`).
+    pub nowait: AtomicBool,
     /// O_DIRECT alignment; only checked when `direct`.
     pub align: DioAlign,
     /// How messages name the file: its path, or `fd N (path)`.
@@ -66,6 +73,7 @@ impl std::fmt::Debug for Region {
             .field("owned", &self.owned.is_some())
             .field("label", &self.label)
             .field("direct", &self.direct)
+            .field("sync", &self.sync)
             .field("fixed", &self.fixed.as_ref().map(|s| s.slot))
             .finish_non_exhaustive()
     }
@@ -205,6 +213,8 @@ impl Region {
             writable: m.write,
             append: false,
             direct: m.direct,
+            sync: m.sync,
+            nowait: AtomicBool::new(true),
             align: if m.direct { dio_align(fd) } else { NO_ALIGN },
             label,
             mem,
@@ -258,6 +268,9 @@ impl Region {
             writable: acc == libc::O_WRONLY || acc == libc::O_RDWR,
             append: fl & libc::O_APPEND != 0,
             direct,
+            // O_SYNC is __O_SYNC | O_DSYNC: the O_DSYNC bit is set for both.
+            sync: fl & libc::O_DSYNC != 0,
+            nowait: AtomicBool::new(true),
             align: if direct { dio_align(fd) } else { NO_ALIGN },
             label,
             mem,

@@ -9,7 +9,9 @@ use rixl_core::{Completion, ErrorKind, Segment, SegmentVec, XferStatus};
 
 use super::*;
 
-const ENGINES: [&str; 2] = ["io_uring", "threads"];
+/// `auto` is io_uring for O_DIRECT files, the thread pool for buffered ones, and runs small
+/// buffered posts in the posting thread.
+const ENGINES: [&str; 3] = ["io_uring", "threads", "auto"];
 
 fn backend_with(kv: &[(&str, &str)]) -> Posix {
     let p: Params = kv
@@ -21,7 +23,8 @@ fn backend_with(kv: &[(&str, &str)]) -> Posix {
 
 fn backend(engine: &str) -> Posix {
     let b = backend_with(&[("engine", engine)]);
-    assert_eq!(b.engine_name(), engine);
+    let expect = if engine == "auto" { AUTO_LABEL } else { engine };
+    assert_eq!(b.engine_name(), expect);
     b
 }
 
@@ -132,18 +135,23 @@ fn plan(b: &Posix, op: XferOp, dtok: u64, ftok: u64, segs: &[(u64, u64, u64)]) -
 }
 
 fn xfer(b: &Posix, op: XferOp, dtok: u64, ftok: u64, segs: &[(u64, u64, u64)]) -> PosixXfer {
-    PosixXfer {
-        plan: Arc::new(plan(b, op, dtok, ftok, segs).unwrap()),
-        engine: b.engine.clone(),
-        current: Mutex::new(None),
-    }
+    b.xfer_for(plan(b, op, dtok, ftok, segs).unwrap())
 }
 
-/// Posts and returns the completion cell without waiting.
+/// Posts and returns the completion cell without waiting. A post that finished before `post`
+/// returned (inline, under `engine=auto`) or failed there is completed as the agent does.
 fn start(x: &PosixXfer) -> Arc<Completion> {
     let c = Completion::new();
     let h = c.begin().unwrap();
-    assert_eq!(x.post(None, h).unwrap(), PostOutcome::InProgress);
+    match x.post(None, h.clone()) {
+        Ok(PostOutcome::InProgress) => {}
+        Ok(PostOutcome::Done) => {
+            h.complete(Ok(()));
+        }
+        Err(e) => {
+            h.complete(Err(e));
+        }
+    }
     c
 }
 
@@ -680,4 +688,265 @@ fn fixed_file_slots_are_recycled() {
         assert!(has_slot, "a free slot for registration {i}");
         b.deregister(MemType::File, t).unwrap();
     }
+}
+
+/// `engine=auto`: O_DIRECT files go to io_uring, buffered ones to the thread pool, and small
+/// buffered posts (except writes to O_SYNC files) start in the posting thread. The effective
+/// parameters say so and create the same backend again.
+#[test]
+fn auto_routes_by_file_kind_and_size() {
+    let b = backend("auto");
+    let p = b.params();
+    assert_eq!(p["engine"], AUTO_LABEL);
+    assert_eq!(p["engine_direct"], "io_uring");
+    assert_eq!(p["engine_buffered"], "threads");
+    assert_eq!(p["inline_max_bytes"], "524288");
+    let again = Posix::new(&p).unwrap();
+    assert_eq!(again.engine_name(), AUTO_LABEL);
+    let buf = Aligned::new(1 << 20);
+    let s = dram(&b, buf.addr(), 1 << 20);
+    let (fd, fb, fs) = (TmpFile::new("ad"), TmpFile::new("ab"), TmpFile::new("as"));
+    let td = file(&b, &fd, "rw,direct,create");
+    let tb = file(&b, &fb, "rw,create");
+    let ts = file(&b, &fs, "rw,sync,create");
+    let x = |op, tok, len| xfer(&b, op, s, tok, &[(buf.addr(), 0, len)]);
+    for op in [XferOp::Write, XferOp::Read] {
+        let d = x(op, td, 4096);
+        assert_eq!((d.engine.name(), d.inline), ("io_uring", false), "{op}");
+        let small = x(op, tb, 512 << 10);
+        assert_eq!(
+            (small.engine.name(), small.inline),
+            ("threads", true),
+            "{op}"
+        );
+        let big = x(op, tb, (512 << 10) + 4096);
+        assert_eq!((big.engine.name(), big.inline), ("threads", false), "{op}");
+        // Few bytes in too many pieces: 129 operations of 16 bytes.
+        let pieces: Vec<_> = (0..129u64)
+            .map(|i| (buf.addr() + i * 16, i * 32, 16))
+            .collect();
+        assert!(!xfer(&b, op, s, tb, &pieces).inline, "{op}");
+        let pieces = &pieces[..128];
+        assert!(xfer(&b, op, s, tb, pieces).inline, "{op}");
+        // O_SYNC writes wait for the device: never inline; reads of such a file may be.
+        let sync = x(op, ts, 4096);
+        assert_eq!(sync.inline, op == XferOp::Read, "{op}");
+    }
+    // The explicit engines run everything themselves.
+    for engine in ["io_uring", "threads"] {
+        let e = backend(engine);
+        assert_eq!(e.params()["engine_direct"], engine);
+        assert_eq!(e.params()["engine_buffered"], engine);
+        assert_eq!(e.params()["inline_max_bytes"], "0");
+        let s = dram(&e, buf.addr(), 1 << 20);
+        let t = file(&e, &fb, "rw");
+        let w = xfer(&e, XferOp::Write, s, t, &[(buf.addr(), 0, 4096)]);
+        assert_eq!((w.engine.name(), w.inline), (engine, false));
+    }
+    // inline_max_bytes=0 turns inline posts off.
+    let b0 = backend_with(&[("inline_max_bytes", "0")]);
+    let s0 = dram(&b0, buf.addr(), 1 << 20);
+    let t0 = file(&b0, &fb, "rw");
+    assert!(!xfer(&b0, XferOp::Write, s0, t0, &[(buf.addr(), 0, 4096)]).inline);
+}
+
+/// A small buffered post under `engine=auto` has moved its bytes when `post` returns.
+#[test]
+fn inline_posts_finish_before_post_returns() {
+    let b = backend("auto");
+    let f = TmpFile::new("inline");
+    let src = pattern(20_000, 5);
+    let mut dst = vec![0u8; src.len()];
+    let s = dram(&b, src.as_ptr() as u64, src.len() as u64);
+    let d = dram(&b, dst.as_mut_ptr() as u64, dst.len() as u64);
+    let ft = file(&b, &f, "rw,create");
+    let a = src.as_ptr() as u64;
+    let segs = [(a + 10_000, 3, 10_000), (a, 50_000, 10_000)];
+    let w = xfer(&b, XferOp::Write, s, ft, &segs);
+    let c = Completion::new();
+    assert_eq!(w.post(None, c.begin().unwrap()).unwrap(), PostOutcome::Done);
+    let disk = std::fs::read(&f.0).unwrap();
+    assert_eq!(&disk[3..10_003], &src[10_000..]);
+    assert_eq!(&disk[50_000..], &src[..10_000]);
+    let da = dst.as_mut_ptr() as u64;
+    let r = xfer(
+        &b,
+        XferOp::Read,
+        d,
+        ft,
+        &[(da + 10_000, 3, 10_000), (da, 50_000, 10_000)],
+    );
+    let c = Completion::new();
+    assert_eq!(r.post(None, c.begin().unwrap()).unwrap(), PostOutcome::Done);
+    // Cancelling or dropping an inline request has nothing to fence.
+    r.cancel().unwrap();
+    drop(r);
+    assert_eq!(dst, src);
+    // A read that runs into the end of the file is handed to the pool, which reports it.
+    let short = TmpFile::new("inline-short");
+    std::fs::write(&short.0, b"x").unwrap();
+    let rt = file(&b, &short, "ro");
+    let mut small = [0u8; 16];
+    let st = dram(&b, small.as_mut_ptr() as u64, 16);
+    let r = xfer(
+        &b,
+        XferOp::Read,
+        st,
+        rt,
+        &[(small.as_mut_ptr() as u64, 0, 16)],
+    );
+    assert!(r.inline);
+    let e = run(&r).unwrap_err();
+    assert!(e.to_string().contains("returned 1: end of file"), "{e}");
+}
+
+/// An inline read stops at the first chunk whose data is not in the page cache and hands it
+/// and the rest to the thread pool, which finishes the post.
+#[test]
+fn inline_read_hands_uncached_chunks_to_the_pool() {
+    let b = backend_with(&[("max_io_size", "4096")]);
+    let (fa, fb) = (TmpFile::new("hand-a"), TmpFile::new("hand-b"));
+    std::fs::write(&fa.0, pattern(16384, 1)).unwrap();
+    std::fs::write(&fb.0, pattern(16384, 2)).unwrap();
+    let mut dst = vec![0u8; 32768];
+    let d = dram(&b, dst.as_mut_ptr() as u64, dst.len() as u64);
+    let ta = file(&b, &fa, "ro");
+    let tb = file(&b, &fb, "ro");
+    // As if file B's pages had been evicted (or its file system had no RWF_NOWAIT).
+    b.regions.read()[&tb].nowait.store(false, Ordering::Relaxed);
+    let da = dst.as_mut_ptr() as u64;
+    let segs: Vec<SegmentPair> = vec![(da, 0, 16384, ta), (da + 16384, 0, 16384, tb)];
+    let x = b.xfer_for(plan2(&b, XferOp::Read, d, &segs));
+    assert!(x.inline);
+    let c = Completion::new();
+    let h = c.begin().unwrap();
+    assert_eq!(x.post(None, h).unwrap(), PostOutcome::InProgress);
+    assert_eq!(
+        c.wait(Some(Duration::from_secs(60))).unwrap(),
+        XferStatus::Done
+    );
+    let post = x.current.lock().clone().unwrap();
+    assert_eq!(post.first, 4, "file A's four chunks ran inline");
+    drop(x);
+    assert_eq!(&dst[..16384], &pattern(16384, 1)[..]);
+    assert_eq!(&dst[16384..], &pattern(16384, 2)[..]);
+    // Really uncached data: dropped from the page cache, read back right.
+    let f = TmpFile::new("hand-cold");
+    std::fs::write(&f.0, pattern(32768, 3)).unwrap();
+    let fh = std::fs::File::open(&f.0).unwrap();
+    fh.sync_all().unwrap();
+    use std::os::fd::AsRawFd;
+    // SAFETY: posix_fadvise only advises the kernel about the open file's cache.
+    unsafe { libc::posix_fadvise(fh.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    dst.fill(0);
+    let t = file(&b, &f, "ro");
+    let r = xfer(&b, XferOp::Read, d, t, &[(da, 0, 32768)]);
+    assert_eq!(run(&r).unwrap(), XferStatus::Done);
+    drop(r);
+    assert_eq!(dst, pattern(32768, 3));
+}
+
+/// `(buffer address, file offset, length, file token)`.
+type SegmentPair = (u64, u64, u64, u64);
+
+/// A plan whose segments may name different files.
+fn plan2(b: &Posix, op: XferOp, dtok: u64, segs: &[SegmentPair]) -> Plan {
+    let local: SegmentVec = segs
+        .iter()
+        .map(|&(a, _, l, _)| Segment {
+            addr: a,
+            len: l,
+            dev: 0,
+            token: dtok,
+        })
+        .collect();
+    let remote: SegmentVec = segs
+        .iter()
+        .map(|&(_, o, l, t)| Segment {
+            addr: o,
+            len: l,
+            dev: 1,
+            token: t,
+        })
+        .collect();
+    b.build_plan(&XferSpec {
+        op,
+        peer: "me",
+        loopback: true,
+        local_mem: MemType::Dram,
+        remote_mem: MemType::File,
+        local,
+        remote,
+    })
+    .unwrap()
+}
+
+/// How the thread pool hands chunks to its workers: one O_DIRECT chunk per claim; a whole run
+/// of buffered writes to one file per claim (the kernel serialises them anyway); byte-sized
+/// batches of other buffered chunks (reads, O_SYNC writes).
+#[test]
+fn thread_pool_claims_follow_the_file_kind() {
+    let b = backend_with(&[("engine", "threads"), ("max_io_size", "4096")]);
+    let buf = Aligned::new(1 << 16);
+    let s = dram(&b, buf.addr(), 1 << 16);
+    let (fa, fb, fd, fs) = (
+        TmpFile::new("cl-a"),
+        TmpFile::new("cl-b"),
+        TmpFile::new("cl-d"),
+        TmpFile::new("cl-s"),
+    );
+    let ta = file(&b, &fa, "rw,create");
+    let tb = file(&b, &fb, "rw,create");
+    let td = file(&b, &fd, "rw,direct,create");
+    let ts = file(&b, &fs, "rw,sync,create");
+    let a = buf.addr();
+    let claims = |op, segs: &[SegmentPair]| {
+        let p = Arc::new(plan2(&b, op, s, segs));
+        let c = Completion::new();
+        threads::claims(Post::new(p, 0, c.begin().unwrap()), 8192)
+    };
+    // 2 × 4 chunks of 4 KiB on A, then 4 on B, then 4 on A again.
+    let mixed = [
+        (a, 0, 16384, ta),
+        (a, 16384, 16384, ta),
+        (a, 0, 16384, tb),
+        (a, 32768, 16384, ta),
+    ];
+    assert_eq!(
+        claims(XferOp::Write, &mixed),
+        vec![(0, 8), (8, 12), (12, 16)]
+    );
+    assert_eq!(
+        claims(XferOp::Read, &mixed),
+        (0..8).map(|i| (2 * i, 2 * i + 2)).collect::<Vec<_>>()
+    );
+    for op in [XferOp::Write, XferOp::Read] {
+        assert_eq!(
+            claims(op, &[(a, 0, 16384, td)]),
+            vec![(0, 1), (1, 2), (2, 3), (3, 4)],
+            "{op}"
+        );
+        assert_eq!(
+            claims(op, &[(a, 0, 16384, ts)]),
+            vec![(0, 2), (2, 4)],
+            "{op}"
+        );
+    }
+    // And they move the right bytes.
+    let src = pattern(1 << 16, 8);
+    let s2 = dram(&b, src.as_ptr() as u64, 1 << 16);
+    let p = src.as_ptr() as u64;
+    let segs = [
+        (p, 0, 16384, ta),
+        (p + 16384, 0, 16384, tb),
+        (p + 32768, 16384, 16384, ta),
+        (p + 49152, 0, 16384, ts),
+    ];
+    let w = b.xfer_for(plan2(&b, XferOp::Write, s2, &segs));
+    assert_eq!(run(&w).unwrap(), XferStatus::Done);
+    let fa_data = std::fs::read(&fa.0).unwrap();
+    assert_eq!(&fa_data[..16384], &src[..16384]);
+    assert_eq!(&fa_data[16384..32768], &src[32768..49152]);
+    assert_eq!(std::fs::read(&fb.0).unwrap(), &src[16384..32768]);
+    assert_eq!(std::fs::read(&fs.0).unwrap(), &src[49152..]);
 }

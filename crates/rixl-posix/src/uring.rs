@@ -1,5 +1,9 @@
 //! The io_uring engine.
 //!
+//! It runs every post under `engine=io_uring`, and the posts that touch O_DIRECT files under
+//! `engine=auto` (buffered files go to the thread pool there: the crate documentation says
+//! why).
+//!
 //! One ring per backend, owned by one thread (`rixl-posix-uring`). Application threads never
 //! touch the ring's queues: a post is handed over through an inbox and, if the ring thread is
 //! asleep, an `eventfd` write that completes a `POLL_ADD` the thread keeps armed on the ring. Why
@@ -390,7 +394,10 @@ impl<'a> RingThread<'a> {
             let mut cmds = std::mem::take(&mut self.cmds);
             for c in cmds.drain(..) {
                 match c {
-                    Cmd::Post(p) => self.pending.push_back(Pending::Cursor { post: p, next: 0 }),
+                    Cmd::Post(p) => {
+                        let next = p.first;
+                        self.pending.push_back(Pending::Cursor { post: p, next });
+                    }
                     Cmd::Cancel(p) => self.cancel(&p),
                     Cmd::Shutdown => self.shutting = true,
                 }

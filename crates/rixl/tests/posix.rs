@@ -16,7 +16,9 @@ use rixl::{
     XferOp, XferOptions, XferStatus,
 };
 
-const ENGINES: [&str; 2] = ["io_uring", "threads"];
+/// `auto` runs O_DIRECT files on io_uring and buffered ones on the thread pool, small buffered
+/// posts in the posting thread.
+const ENGINES: [&str; 3] = ["io_uring", "threads", "auto"];
 /// Linux's errno for a full file system.
 const ENOSPC: i32 = 28;
 /// Only a bound so that a broken backend fails instead of hanging; not a performance target.
@@ -45,7 +47,12 @@ fn agent_with(params: &[(&str, &str)]) -> Agent {
 
 fn agent(engine: &str) -> Agent {
     let a = agent_with(&[("engine", engine)]);
-    assert_eq!(a.backend_params("POSIX").unwrap()["engine"], engine);
+    let expect = if engine == "auto" {
+        "io_uring+threads"
+    } else {
+        engine
+    };
+    assert_eq!(a.backend_params("POSIX").unwrap()["engine"], expect);
     a
 }
 
@@ -744,6 +751,19 @@ fn full_disk_reports_enospc() {
             m.contains(&format!("full-{engine}.bin")) && m.contains("offset 524288"),
             "{engine}: {m}"
         );
+        // A small write into the full file system (run in the posting thread under `auto`)
+        // fails the same way.
+        let e = expect_kind(
+            run(
+                &a,
+                XferOp::Write,
+                8,
+                &[(more.as_ptr() as u64, 4 << 20, 4096)],
+            ),
+            ErrorKind::Backend,
+        );
+        assert_eq!(e.os_error(), Some(ENOSPC), "{engine}: {e}");
+        assert!(e.to_string().contains("offset 4194304"), "{engine}: {e}");
         // Earlier data intact, agent usable: overwrite existing pages and read back.
         run(
             &a,
