@@ -15,6 +15,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use crate::completion::CompletionHandle;
 use crate::desc::{Desc, RegDesc};
@@ -203,6 +204,14 @@ pub trait BackendXfer: Send + Sync + fmt::Debug {
     fn cancel(&self) -> Result<()> {
         Ok(())
     }
+
+    /// A thread is about to wait for the current post: it may drive the post itself for up to
+    /// `budget` (for example read the responses off the backend's connection instead of having
+    /// a backend thread woken to do it, which costs a scheduler wake-up per hop), and returns as
+    /// soon as the post completed or the budget ran out. A zero budget asks for one
+    /// non-blocking attempt. The backend's own threads must still complete posts that nobody
+    /// waits for. Default: returns at once.
+    fn progress(&self, _budget: Duration) {}
 
     /// Estimated duration of one post.
     fn estimate_cost(&self) -> Result<CostEstimate> {

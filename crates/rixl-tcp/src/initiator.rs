@@ -1,5 +1,5 @@
 //! The initiator side: connections to one peer, the per-connection queue of requests awaiting
-//! a response, the reader thread that completes them, and prepared transfers.
+//! a response, who reads the responses, and prepared transfers.
 //!
 //! Each peer gets `connections` TCP connections, made on first use (or `connect`). Requests on
 //! one connection are answered in order, so each connection keeps a FIFO of what it sent: an
@@ -7,11 +7,37 @@
 //! straight into the local segment), `Err(id)` fails one entry. A post's frames are counted in
 //! a [`PostState`]; when the last one resolves, the request completes.
 //!
-//! Small posts go out on one connection, written by the posting thread (one `writev` for many
-//! frames), with the notification right behind the data on the same ordered stream. Large posts
-//! are cut into chunks dealt round-robin to every connection and written by per-connection
-//! sender threads; their notification names the post and the number of parts, and the target
-//! delivers it once every part has been served (see `target::Session`).
+//! Small posts go out on one connection (the least busy, the first when all are idle, so that
+//! back-to-back posts find the target's server still spinning), written by the posting thread
+//! (one `writev` for many frames), with the notification right behind the data on the same
+//! ordered stream. Large posts are cut into chunks dealt round-robin to every connection;
+//! shares that put little on the wire are written by the posting thread, large ones by
+//! per-connection sender threads. Their notification names the post and the number of parts,
+//! and the target delivers it once every part has been served (see `target::Session`).
+//! Standalone notifications are not acknowledged ([`wire::F_NOACK`]).
+//!
+//! ## Who reads the responses
+//!
+//! On a machine like the 2-core VMs this is built on, a thread blocked in the kernel takes
+//! ~5 us to wake (far more when the core was idle), which is most of a small transfer's round
+//! trip. Handing each response from a reader thread to the application thread costs two such
+//! wake-ups. So the responses of a connection are read by whoever is there first:
+//!
+//! - a thread in `wait()` for a post sent on one connection reads that connection itself
+//!   ([`TcpXfer::progress`], up to [`WAITER_SPIN`]); meanwhile arriving data do not wake the
+//!   connection's reader thread (its epoll interest drops `EPOLLIN`, keeping hang-ups);
+//! - a thread polling `status()` reads it once per poll, and holds a short lease with the
+//!   same effect while it keeps polling ([`STATUS_LEASE`]; the reader thread then sleeps in
+//!   1 ms steps so that it takes over in time if the polling stops);
+//! - otherwise the reader thread, which sleeps in `epoll_wait` until data arrive. It also
+//!   catches end of stream and the response deadline, whatever the other readers do.
+//!
+//! The parsing state ([`Rx`]: a header in the making, the payload being received) sits under a
+//! mutex that a reader holds while it reads, so a frame started by one reader is finished by
+//! another and every frame is resolved exactly once. Waiting threads never block on the
+//! socket (a peer cannot hold them); the reader thread blocks only for a payload whose header
+//! has arrived, bounded by the frame deadline. Striped posts are left to the reader threads,
+//! which receive their parts in parallel.
 
 use std::collections::VecDeque;
 use std::net::{SocketAddr, TcpStream};
@@ -20,6 +46,7 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
+use rixl_core::completion::monotonic_nanos;
 use rixl_core::{
     BackendXfer, CompletionHandle, CostEstimate, CostMethod, Error, ErrorKind, PostOutcome, Result,
     XferOp,
@@ -31,6 +58,22 @@ use crate::{Shared, NAME};
 
 /// Frames written per `writev` batch.
 const BATCH: usize = 128;
+/// Striped transfers are not cut into pieces smaller than this (unless `chunk_bytes` is).
+const MIN_STRIPE_CHUNK: u64 = 64 << 10;
+/// A striped post's share of at most this many bytes is written by the posting thread itself.
+const INLINE_SHARE: u64 = 1 << 20;
+/// How long a `status()` poll keeps the reader thread from being woken by data: the caller is
+/// expected to poll again well within this.
+const STATUS_LEASE: Duration = Duration::from_micros(500);
+/// After the last `status()` poll, how long the reader thread keeps sleeping in short steps.
+const POLLED_RECENTLY: Duration = Duration::from_millis(20);
+/// The reader thread polls for payloads at least this large instead of sleeping in `readv`.
+const POLLED_PAYLOAD: usize = 128 << 10;
+/// Payload bytes a waiting thread receives per look at the connection.
+const WAITER_PUMP_BYTES: usize = 1 << 20;
+/// How long a waiting thread reads its post's connection itself before leaving it to the
+/// reader thread (and sleeping on the completion after its own short spin).
+const WAITER_SPIN: Duration = Duration::from_micros(200);
 
 /// One peer we can reach.
 #[derive(Debug)]
@@ -43,7 +86,6 @@ pub struct Peer {
     conns: Mutex<Option<Arc<ConnSet>>>,
     next_id: AtomicU64,
     next_post: AtomicU64,
-    rr: AtomicUsize,
     /// Our tokens for the peer's regions → the target's own tokens (published by it).
     pub regions: Mutex<std::collections::HashMap<u64, u64>>,
 }
@@ -58,7 +100,6 @@ impl Peer {
             conns: Mutex::new(None),
             next_id: AtomicU64::new(1),
             next_post: AtomicU64::new(1),
-            rr: AtomicUsize::new(0),
             regions: Mutex::new(std::collections::HashMap::new()),
         }
     }
@@ -146,6 +187,136 @@ struct Conn {
     fifo: Mutex<Fifo>,
     /// Jobs for this connection's sender thread (large posts).
     jobs: Mutex<mpsc::Sender<Job>>,
+    /// Response parsing, held by whoever reads the socket: the reader thread, or a thread
+    /// waiting for one of this connection's posts (see [`TcpXfer::progress`]).
+    rx: Mutex<Rx>,
+    /// What the reader thread sleeps on.
+    poller: sock::Poller,
+    /// Who reads this connection besides the reader thread. While anyone does, arriving data
+    /// do not wake the reader thread (only hang-up and errors do).
+    watch: Mutex<Watch>,
+    /// Until when (`monotonic_nanos`) a thread polling `status()` counts as reading the
+    /// connection (see [`Watch::leased`]).
+    lease_until: AtomicU64,
+}
+
+#[derive(Default)]
+struct Watch {
+    /// Threads reading the connection while they wait ([`TcpXfer::progress`] with a budget).
+    waiters: usize,
+    /// A thread polls `status()` (which reads the connection once per call): renewed by every
+    /// poll, ended by the poll that completes its post, or by the reader thread once
+    /// `lease_until` passed without a poll (a caller that stopped polling). Only taken while
+    /// the reader thread is `ticking`, so that it notices the expiry in time.
+    leased: bool,
+    /// The reader thread sleeps at most a millisecond at a time (it saw `status()` polls in
+    /// the last [`POLLED_RECENTLY`]).
+    ticking: bool,
+    /// What the poller is set to: data wake the reader thread.
+    armed: bool,
+}
+
+/// The state of the response stream between reads: a header in the making or the payload of
+/// the frame being received. Whoever holds it may read the socket, so a frame started by one
+/// thread is finished by another without losing framing.
+struct Rx {
+    hb: [u8; HEADER_LEN],
+    /// Header bytes received so far.
+    have: usize,
+    body: Option<Body>,
+    /// The connection ended (failed or closed): nobody reads it any more.
+    ended: bool,
+}
+
+/// The payload of a response frame being received.
+struct Body {
+    post: Option<Arc<PostState>>,
+    /// `Some(code)`: the target refused the request and the payload is its message, read
+    /// into `msg`. `None`: READ data, received straight into the local segment at `addr`.
+    err: Option<u64>,
+    msg: Vec<u8>,
+    addr: u64,
+    len: usize,
+    got: usize,
+    /// The payload must be complete by then (a trickling peer cannot hold the memory).
+    until: Instant,
+}
+
+impl Body {
+    /// Receives more of the payload (without blocking: at most `allowance` bytes, which it
+    /// counts down); true once it is complete.
+    fn read(
+        &mut self,
+        s: &TcpStream,
+        blocking: bool,
+        allowance: &mut usize,
+    ) -> std::io::Result<bool> {
+        while self.got < self.len {
+            if !blocking && *allowance == 0 {
+                return Ok(false);
+            }
+            let base = match self.err {
+                Some(_) => self.msg.as_mut_ptr(),
+                None => self.addr as *mut u8,
+            };
+            let mut iov = [libc::iovec {
+                // `got < len`, so this stays inside the destination.
+                iov_base: base.wrapping_add(self.got).cast(),
+                iov_len: if blocking {
+                    self.len - self.got
+                } else {
+                    (self.len - self.got).min(*allowance)
+                },
+            }];
+            if blocking {
+                let left = self.len - self.got;
+                // Large payloads arrive in pieces: poll for them rather than pay a wake-up
+                // per piece (see `target::POLLED_PAYLOAD`).
+                if left >= POLLED_PAYLOAD {
+                    // SAFETY: as below.
+                    unsafe { sock::readv_spin(s, &mut iov, left, Some(self.until)) }?;
+                } else {
+                    // SAFETY: the iovec lies inside `msg` (ours) or inside a local segment the
+                    // agent validated against our registrations when the request was made;
+                    // the request's post is in flight (this body holds its state) and cancel
+                    // waits for it to resolve, so the memory is registered and not otherwise
+                    // accessed.
+                    unsafe { sock::readv_exact(s, &mut iov, Some(self.until)) }?;
+                }
+                self.got = self.len;
+                break;
+            }
+            // SAFETY: as above.
+            match unsafe { sock::recv_some(s, &mut iov, true) }? {
+                None if Instant::now() >= self.until => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "the peer did not send a whole frame in time",
+                    ))
+                }
+                None => return Ok(false),
+                Some(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                Some(n) => {
+                    self.got += n;
+                    *allowance -= n;
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Resolves the request whose payload this was.
+    fn finish(self, peer: &Peer) {
+        let r = match self.err {
+            None => Ok(()),
+            Some(code) => Err(ErrCode::from_u64(code)
+                .to_error(&String::from_utf8_lossy(&self.msg))
+                .with_peer(&peer.name)),
+        };
+        if let Some(p) = self.post {
+            p.resolve(r);
+        }
+    }
 }
 
 impl std::fmt::Debug for Conn {
@@ -175,10 +346,65 @@ impl Conn {
     fn dead(&self) -> Option<Error> {
         self.fifo.lock().dead.clone()
     }
+
+    /// Requests waiting for an answer (`usize::MAX` while another thread holds the queue).
+    fn backlog(&self) -> usize {
+        self.fifo.try_lock().map_or(usize::MAX, |f| f.q.len())
+    }
+
+    /// A thread starts (`true`) or stops reading this connection while it waits. While any
+    /// thread does, arriving data do not wake the reader thread; once none does, they wake it
+    /// again (at once if data are queued).
+    fn watch(&self, on: bool) {
+        let mut w = self.watch.lock();
+        w.waiters = if on {
+            w.waiters + 1
+        } else {
+            w.waiters.saturating_sub(1)
+        };
+        self.rearm(&mut w);
+    }
+
+    /// A thread polling `status()` reads this connection for the next [`STATUS_LEASE`].
+    fn lease(&self) {
+        self.lease_until.store(
+            monotonic_nanos() + STATUS_LEASE.as_nanos() as u64,
+            Ordering::Relaxed,
+        );
+        let mut w = self.watch.lock();
+        if w.ticking && !w.leased {
+            w.leased = true;
+            self.rearm(&mut w);
+        }
+    }
+
+    /// Ends a `status()` lease (its post completed, or it expired).
+    fn unlease(&self) {
+        let mut w = self.watch.lock();
+        if w.leased {
+            w.leased = false;
+            self.rearm(&mut w);
+        }
+    }
+
+    /// Sets whether data wake the reader thread. If the interest cannot be changed, the reader
+    /// thread simply keeps being woken.
+    fn rearm(&self, w: &mut Watch) {
+        let armed = w.waiters == 0 && !w.leased;
+        if armed != w.armed {
+            match self.poller.watch_data(armed) {
+                Ok(()) => w.armed = armed,
+                Err(e) => tracing::debug!("TCP: cannot change what wakes a reader thread: {e}"),
+            }
+        }
+    }
 }
 
 /// The progress of one post.
 pub struct PostState {
+    /// The connection of a post sent on one connection (a waiter reads it); `None` for
+    /// striped posts, whose parts the reader threads receive in parallel.
+    conn: Option<Arc<Conn>>,
     remaining: AtomicUsize,
     error: Mutex<Option<Error>>,
     cancelled: AtomicBool,
@@ -192,7 +418,10 @@ impl PostState {
         if let Err(e) = r {
             self.error.lock().get_or_insert(e);
         }
-        if self.remaining.fetch_sub(1, Ordering::AcqRel) != 1 {
+        let before = self.remaining.fetch_sub(1, Ordering::AcqRel);
+        // Each frame is resolved exactly once (whoever pops it from its queue resolves it).
+        debug_assert!(before > 0, "a TCP frame was resolved twice");
+        if before != 1 {
             return;
         }
         if !self.cancelled.load(Ordering::SeqCst) {
@@ -206,6 +435,10 @@ impl PostState {
         self.cv.notify_all();
     }
 
+    fn resolved(&self) -> bool {
+        self.remaining.load(Ordering::Acquire) == 0
+    }
+
     fn resolve_n(&self, n: usize, err: &Error) {
         for _ in 0..n {
             self.resolve(Err(err.clone()));
@@ -214,11 +447,16 @@ impl PostState {
 
     /// Waits until every frame resolved; false if `limit` passed first.
     fn wait_resolved(&self, limit: Duration) -> bool {
-        let until = Instant::now() + limit;
+        let until = Instant::now().checked_add(limit);
         let mut g = self.lock.lock();
         while self.remaining.load(Ordering::Acquire) > 0 {
-            if self.cv.wait_until(&mut g, until).timed_out() {
-                return self.remaining.load(Ordering::Acquire) == 0;
+            match until {
+                Some(t) => {
+                    if self.cv.wait_until(&mut g, t).timed_out() {
+                        return self.remaining.load(Ordering::Acquire) == 0;
+                    }
+                }
+                None => self.cv.wait(&mut g),
             }
         }
         true
@@ -273,6 +511,8 @@ fn conns(shared: &Arc<Shared>, peer: &Arc<Peer>) -> Result<Arc<ConnSet>> {
                 .map_err(|e| Error::from_io(ErrorKind::Backend, "TCP socket clone", &e))
         };
         let (tx, rx) = mpsc::channel::<Job>();
+        let poller = sock::Poller::new(&stream)
+            .map_err(|e| Error::from_io(ErrorKind::Backend, "TCP cannot watch a socket", &e))?;
         let conn = Arc::new(Conn {
             idx,
             writer: Mutex::new(Writer {
@@ -287,6 +527,18 @@ fn conns(shared: &Arc<Shared>, peer: &Arc<Peer>) -> Result<Arc<ConnSet>> {
                 progress: Instant::now(),
             }),
             jobs: Mutex::new(tx),
+            rx: Mutex::new(Rx {
+                hb: [0; HEADER_LEN],
+                have: 0,
+                body: None,
+                ended: false,
+            }),
+            poller,
+            watch: Mutex::new(Watch {
+                armed: true,
+                ..Watch::default()
+            }),
+            lease_until: AtomicU64::new(0),
         });
         let (s2, p2, c2) = (shared.clone(), peer.clone(), conn.clone());
         let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
@@ -370,20 +622,102 @@ fn dial(shared: &Shared, peer: &Peer, addr: SocketAddr, idx: usize) -> Result<Tc
     Ok(s)
 }
 
-/// Reads responses on one connection until it ends.
+/// The reader thread of one connection: sleeps until the socket has something to read (data
+/// do not wake it while a waiting thread reads the socket itself), handles whatever arrived,
+/// and ends the connection on end of stream, a protocol violation, or no answer in time.
 fn reader(shared: &Arc<Shared>, peer: &Arc<Peer>, conn: &Arc<Conn>) {
-    let err = match read_responses(shared, peer, conn) {
-        Ok(()) => Error::remote_disconnect(format!("agent {:?} closed the connection", peer.name)),
-        Err(e) => e,
-    };
-    let err = err.with_peer(&peer.name).with_backend(NAME);
+    let mut timeout = shared.deadline;
+    loop {
+        // While `status()` polls come in, sleep a millisecond at a time, so that a lease
+        // whose poller stopped polling ends in time (its post must not be left to nobody).
+        let now = monotonic_nanos();
+        let polled = conn.lease_until.load(Ordering::Relaxed);
+        let ticking = polled != 0 && now < polled + POLLED_RECENTLY.as_nanos() as u64;
+        {
+            let mut w = conn.watch.lock();
+            w.ticking = ticking;
+            if w.leased && (!ticking || now >= polled) {
+                w.leased = false;
+                conn.rearm(&mut w);
+            }
+        }
+        let woke = conn.poller.wait(if ticking {
+            timeout.min(Duration::from_millis(1))
+        } else {
+            timeout
+        });
+        let mut rx = conn.rx.lock();
+        if rx.ended {
+            return;
+        }
+        let r = match woke {
+            Err(e) => Err(Error::from_io(
+                ErrorKind::Backend,
+                "TCP cannot wait for its socket",
+                &e,
+            )),
+            // Bodies are read with blocking calls here: once a header is in, its payload
+            // is on the way, and this thread has nothing else to do.
+            Ok(_) => pump(shared, peer, conn, &mut rx, true, &|| false)
+                .and_then(|()| overdue(shared, peer, conn, &rx)),
+        };
+        match r {
+            Ok(t) => timeout = t,
+            Err(e) => {
+                end(shared, peer, conn, &mut rx, e);
+                return;
+            }
+        }
+    }
+}
+
+/// Whether the connection is stuck: a payload not complete by its deadline, or requests
+/// outstanding and no byte received for a whole `deadline`. Otherwise, how long the reader
+/// thread may sleep before looking again.
+fn overdue(shared: &Shared, peer: &Peer, conn: &Conn, rx: &Rx) -> Result<Duration> {
+    let now = Instant::now();
+    if let Some(b) = &rx.body {
+        return match b.until.checked_duration_since(now) {
+            Some(left) if !left.is_zero() => Ok(left.min(shared.deadline)),
+            _ => Err(Error::timeout(format!(
+                "agent {:?} did not send a whole frame in time",
+                peer.name
+            ))),
+        };
+    }
+    let f = conn.fifo.lock();
+    if f.q.is_empty() {
+        return Ok(shared.deadline);
+    }
+    let idle = now.saturating_duration_since(f.progress);
+    if idle >= shared.deadline {
+        return Err(Error::timeout(format!(
+            "agent {:?} did not answer within {:?}",
+            peer.name, shared.deadline
+        )));
+    }
+    Ok(shared.deadline - idle)
+}
+
+/// Ends the connection after `err`, once, by whoever holds its `rx` when it happens: fails
+/// every request it was waiting for and, unless we are closing on purpose, reports the peer
+/// lost (whatever ended the connection, the peer cannot be used through it any more).
+fn end(shared: &Shared, peer: &Peer, conn: &Conn, rx: &mut Rx, err: Error) {
+    if std::mem::replace(&mut rx.ended, true) {
+        return;
+    }
     let on_purpose = peer.closing.load(Ordering::SeqCst) || shared.stopping.load(Ordering::SeqCst);
-    if on_purpose {
-        conn.fail(peer.gone());
+    let err = if on_purpose {
+        peer.gone()
     } else {
-        // Whatever ended the connection (death, partition, a protocol violation), the peer
-        // cannot be used through it any more: fail its requests and have the agent drop it.
-        conn.fail(err.clone());
+        err.with_peer(&peer.name).with_backend(NAME)
+    };
+    if let Some(p) = rx.body.take().and_then(|b| b.post) {
+        p.resolve(Err(err.clone()));
+    }
+    // Also wakes the reader thread (hang-up), which sees `ended` and stops.
+    conn.fail(err.clone());
+    if !on_purpose {
         shared.lost(peer, &err);
     }
 }
@@ -401,6 +735,7 @@ fn pop_before(peer: &Peer, conn: &Conn, id: u64, upto: bool) -> Result<Option<En
     let mut hit = None;
     {
         let mut f = conn.fifo.lock();
+        f.progress = Instant::now();
         while let Some(e) = f.q.front() {
             if e.id < id || (upto && e.id == id) {
                 if e.read.is_some() {
@@ -426,8 +761,18 @@ fn pop_before(peer: &Peer, conn: &Conn, id: u64, upto: bool) -> Result<Option<En
     Ok(hit)
 }
 
-fn read_responses(shared: &Shared, peer: &Peer, conn: &Conn) -> Result<()> {
-    let mut hb = [0u8; HEADER_LEN];
+/// Handles every response that can be read now, leaving a partly received frame in `rx` for
+/// whoever reads next. `blocking`: once a frame's header is in, wait for its payload (the
+/// reader thread does; a waiting thread does not). Stops between frames once `enough()`.
+/// An error means the connection must end ([`end`]).
+fn pump(
+    shared: &Shared,
+    peer: &Peer,
+    conn: &Conn,
+    rx: &mut Rx,
+    blocking: bool,
+    enough: &dyn Fn() -> bool,
+) -> Result<()> {
     let io = |e: std::io::Error| {
         Error::from_io(
             ErrorKind::RemoteDisconnect,
@@ -435,85 +780,84 @@ fn read_responses(shared: &Shared, peer: &Peer, conn: &Conn) -> Result<()> {
             &e,
         )
     };
+    // A waiting thread takes at most this much of other posts' payloads per call (data keep
+    // coming on a busy connection; it must get back to its own post and its budget).
+    let mut allowance = if blocking {
+        usize::MAX
+    } else {
+        WAITER_PUMP_BYTES
+    };
     loop {
-        // Wait for the next response; with requests outstanding, no byte for a whole
-        // deadline means the peer is stuck or partitioned.
-        let mut stuck = false;
-        let more = sock::read_header(&conn.stream, &mut hb, shared.deadline, || {
-            let f = conn.fifo.lock();
-            if !f.q.is_empty() && f.progress.elapsed() >= shared.deadline {
-                stuck = true;
-                return Err(std::io::ErrorKind::TimedOut.into());
+        if let Some(body) = rx.body.as_mut() {
+            if !body
+                .read(&conn.stream, blocking, &mut allowance)
+                .map_err(io)?
+            {
+                return Ok(());
             }
-            Ok(sock::Idle::Wait)
-        });
-        match more {
-            Ok(true) => {}
-            Ok(false) => return Ok(()),
-            Err(_) if stuck => {
-                return Err(Error::timeout(format!(
-                    "agent {:?} did not answer within {:?}",
-                    peer.name, shared.deadline
+            if let Some(body) = rx.body.take() {
+                body.finish(peer);
+            }
+            continue;
+        }
+        if enough() {
+            return Ok(());
+        }
+        let have = rx.have;
+        match sock::recv_now(&conn.stream, &mut rx.hb[have..]).map_err(io)? {
+            None => return Ok(()),
+            Some(0) => {
+                return Err(Error::remote_disconnect(format!(
+                    "agent {:?} closed the connection",
+                    peer.name
                 )))
             }
-            Err(e) => return Err(io(e)),
+            Some(n) => rx.have += n,
         }
-        let h = Header::parse(&hb).map_err(|e| proto(peer, e))?;
+        if rx.have < HEADER_LEN {
+            continue;
+        }
+        rx.have = 0;
+        let h = Header::parse(&rx.hb).map_err(|e| proto(peer, e))?;
         match h.kind {
             Kind::Ack => {
                 pop_before(peer, conn, h.id, true)?;
             }
             Kind::Err => {
-                let mut msg = vec![0u8; h.len as usize];
-                sock::read_exact(
-                    &conn.stream,
-                    &mut msg,
-                    Some(Instant::now() + shared.deadline),
-                )
-                .map_err(io)?;
                 let e = pop_before(peer, conn, h.id, false)?
                     .ok_or_else(|| proto(peer, format!("error for unknown request {}", h.id)))?;
-                let err = ErrCode::from_u64(h.size)
-                    .to_error(&String::from_utf8_lossy(&msg))
-                    .with_peer(&peer.name);
-                if let Some(p) = e.post {
-                    p.resolve(Err(err));
-                }
+                rx.body = Some(Body {
+                    post: e.post,
+                    err: Some(h.size),
+                    msg: vec![0; h.len as usize],
+                    addr: 0,
+                    len: h.len as usize,
+                    got: 0,
+                    until: Instant::now() + shared.deadline,
+                });
             }
             Kind::Data => {
                 let e = pop_before(peer, conn, h.id, false)?
                     .ok_or_else(|| proto(peer, format!("data for unknown request {}", h.id)))?;
                 let Some((addr, len)) = e.read.filter(|(_, l)| *l == u64::from(h.len)) else {
-                    // Put nothing anywhere: the connection is failed below.
+                    // Put nothing anywhere: the connection is ended by the caller.
                     if let Some(p) = &e.post {
                         p.resolve(Err(proto(peer, "unexpected data")));
                     }
                     return Err(proto(peer, format!("data of the wrong size for {}", h.id)));
                 };
-                let mut iov = [libc::iovec {
-                    iov_base: addr as *mut libc::c_void,
-                    iov_len: len as usize,
-                }];
-                let deadline = Instant::now() + shared.deadline + Duration::from_micros(len / 10);
-                // SAFETY: `[addr, addr+len)` is a local segment the agent validated against our
-                // registrations when the request was made; the request (and its post, which
-                // `e` keeps) is in flight, and cancel waits for this entry to resolve, so the
-                // memory is registered and not otherwise accessed meanwhile.
-                let r = unsafe { sock::readv_exact(&conn.stream, &mut iov, Some(deadline)) };
-                if let Err(err) = r {
-                    let err = io(err);
-                    if let Some(p) = &e.post {
-                        p.resolve(Err(err.clone()));
-                    }
-                    return Err(err);
-                }
-                if let Some(p) = e.post {
-                    p.resolve(Ok(()));
-                }
+                rx.body = Some(Body {
+                    post: e.post,
+                    err: None,
+                    msg: Vec::new(),
+                    addr,
+                    len: len as usize,
+                    got: 0,
+                    until: Instant::now() + shared.deadline + Duration::from_micros(len / 10),
+                });
             }
             other => return Err(proto(peer, format!("unexpected {other:?} frame"))),
         }
-        conn.fifo.lock().progress = Instant::now();
     }
 }
 
@@ -655,6 +999,8 @@ struct XferInner {
     shared: Arc<Shared>,
     /// One list per connection when striped, else a single list.
     lists: Vec<Vec<Frame>>,
+    /// Bytes each list writes to its socket.
+    sends: Vec<u64>,
     frames: usize,
     total: u64,
     current: Mutex<Option<Arc<PostState>>>,
@@ -683,13 +1029,23 @@ impl TcpXfer {
     ) -> TcpXfer {
         let n = shared.connections;
         let striped = n > 1 && total > shared.stripe_min;
+        // Striped, every connection gets a share even of a transfer of a few chunks (a 1 MiB
+        // write goes out as two halves in parallel, not as one chunk on one connection), but
+        // no piece is cut smaller than MIN_STRIPE_CHUNK unless `chunk_bytes` says so.
+        let chunk = if striped {
+            shared
+                .chunk
+                .min(total.div_ceil(n as u64).max(MIN_STRIPE_CHUNK))
+        } else {
+            shared.chunk
+        };
         let mut lists: Vec<Vec<Frame>> = vec![Vec::new(); if striped { n } else { 1 }];
         let mut k = 0usize;
         let mut frames = 0;
         for (local, token, addr, len) in pairs {
             let mut off = 0;
             while off < len {
-                let take = (len - off).min(shared.chunk);
+                let take = (len - off).min(chunk);
                 lists[k].push(Frame {
                     local: local + off,
                     token,
@@ -704,12 +1060,21 @@ impl TcpXfer {
             }
         }
         lists.retain(|l| !l.is_empty());
+        // What each connection's share puts on the wire: READ requests are headers only.
+        let sends = lists
+            .iter()
+            .map(|l| match op {
+                XferOp::Write => l.iter().map(|f| f.len).sum(),
+                XferOp::Read => (l.len() * HEADER_LEN) as u64,
+            })
+            .collect();
         TcpXfer {
             inner: Arc::new(XferInner {
                 op,
                 peer,
                 shared,
                 lists,
+                sends,
                 frames,
                 total,
                 current: Mutex::new(None),
@@ -735,7 +1100,23 @@ impl BackendXfer for TcpXfer {
             }
         }
         let set = conns(&x.shared, peer).inspect_err(|e| x.shared.lost_if(peer, e))?;
+        // A post on one connection takes the least busy one, the first when all are idle:
+        // back-to-back posts then stay on one connection, whose target server is still
+        // spinning from the previous one (see `target`), instead of waking another.
+        let single = (x.lists.len() == 1).then(|| {
+            let mut best = &set.conns[0];
+            for c in &set.conns[1..] {
+                if best.backlog() == 0 {
+                    break;
+                }
+                if c.backlog() < best.backlog() {
+                    best = c;
+                }
+            }
+            best.clone()
+        });
         let st = Arc::new(PostState {
+            conn: single.clone(),
             remaining: AtomicUsize::new(x.frames + usize::from(notif.is_some())),
             error: Mutex::new(None),
             cancelled: AtomicBool::new(false),
@@ -743,9 +1124,7 @@ impl BackendXfer for TcpXfer {
             lock: Mutex::new(()),
             cv: Condvar::new(),
         });
-        if x.lists.len() == 1 {
-            let i = peer.rr.fetch_add(1, Ordering::Relaxed) % set.conns.len();
-            let conn = &set.conns[i];
+        if let Some(conn) = &single {
             // Checked before the post state exists: an early return leaves nothing to resolve.
             // No poll here (it would cost a system call per post): a connection that died
             // since its reader last looked fails the frames through that reader.
@@ -766,18 +1145,36 @@ impl BackendXfer for TcpXfer {
         *x.current.lock() = Some(st.clone());
         let notif: Option<Arc<[u8]>> = notif.map(Arc::from);
         let frames = x.frames as u64;
+        let spec = |k: usize, notif: &Option<Arc<[u8]>>| -> Option<(Arc<[u8]>, u64)> {
+            notif.clone().filter(|_| k == 0).map(|m| (m, frames))
+        };
+        // Shares that put little on the wire (READ requests, small writes) are sent by this
+        // thread, after the large ones were handed to their connections' sender threads: a
+        // hand-off costs a thread wake-up, which is more than writing a few hundred KiB.
+        let inline = |k: usize| x.sends[k] <= INLINE_SHARE;
         for (k, conn) in set.conns.iter().enumerate().take(x.lists.len()) {
-            let (xi, c, st, notif) = (x.clone(), conn.clone(), st.clone(), notif.clone());
+            if inline(k) {
+                continue;
+            }
+            let (xi, c, st, spec) = (x.clone(), conn.clone(), st.clone(), spec(k, &notif));
             let job: Job = Box::new(move || {
-                let spec = notif
-                    .as_deref()
-                    .filter(|_| k == 0)
-                    .map(|msg| NotifSpec { msg, want: frames });
+                let spec = spec
+                    .as_ref()
+                    .map(|(msg, want)| NotifSpec { msg, want: *want });
                 send_frames(xi.op, &xi.peer, &c, &st, &xi.lists[k], spec, post_id);
             });
             if let Err(mpsc::SendError(job)) = conn.jobs.lock().send(job) {
                 // The sender thread is gone (connection closed): run it here; it fails fast.
                 job();
+            }
+        }
+        for (k, conn) in set.conns.iter().enumerate().take(x.lists.len()) {
+            if inline(k) {
+                let spec = spec(k, &notif);
+                let spec = spec
+                    .as_ref()
+                    .map(|(msg, want)| NotifSpec { msg, want: *want });
+                send_frames(x.op, peer, conn, &st, &x.lists[k], spec, post_id);
             }
         }
         Ok(PostOutcome::InProgress)
@@ -804,6 +1201,57 @@ impl BackendXfer for TcpXfer {
             }
         }
         Ok(())
+    }
+
+    /// Reads the post's connection on the waiting thread, for up to [`WAITER_SPIN`]: the
+    /// answer is handled the moment it arrives, without waking the connection's reader thread
+    /// (which sleeps through data while anyone watches) and then this thread. Striped posts
+    /// are left to the reader threads, which receive their parts in parallel.
+    fn progress(&self, budget: Duration) {
+        let x = &self.inner;
+        let Some(st) = x.current.lock().clone() else {
+            return;
+        };
+        let Some(conn) = st.conn.clone() else {
+            return;
+        };
+        let step = || {
+            if let Some(mut rx) = conn.rx.try_lock() {
+                if rx.ended {
+                    return false;
+                }
+                if let Err(e) = pump(&x.shared, &x.peer, &conn, &mut rx, false, &|| st.resolved()) {
+                    end(&x.shared, &x.peer, &conn, &mut rx, e);
+                    return false;
+                }
+            }
+            !st.resolved()
+        };
+        if st.resolved() {
+            return;
+        }
+        if budget.is_zero() {
+            // A `status()` poll: the reader thread sleeps through data while the caller keeps
+            // polling, as for a waiter.
+            if step() {
+                conn.lease();
+            } else {
+                conn.unlease();
+            }
+            return;
+        }
+        let spin = budget.min(WAITER_SPIN);
+        conn.watch(true);
+        let start = Instant::now();
+        while step() {
+            if start.elapsed() >= spin {
+                break;
+            }
+            // Yield rather than spin: on a small machine the target (or whoever answers) may
+            // need this core; with nothing else to run, this returns at once.
+            std::thread::yield_now();
+        }
+        conn.watch(false);
     }
 
     fn estimate_cost(&self) -> Result<CostEstimate> {
@@ -836,21 +1284,15 @@ pub fn send_notif(shared: &Arc<Shared>, peer: &Arc<Peer>, msg: &[u8]) -> Result<
     let conn = &set.conns[0];
     check_alive(shared, peer, conn)?;
     let w = conn.writer.lock();
+    // Not acknowledged (F_NOACK), so not queued for an answer either.
     let id = peer.next_id.fetch_add(1, Ordering::Relaxed);
-    {
-        let mut f = conn.fifo.lock();
-        if let Some(e) = f.dead.clone() {
-            drop(f);
-            shared.lost_if(peer, &e);
-            return Err(e);
-        }
-        f.push(Entry {
-            id,
-            post: None,
-            read: None,
-        });
+    if let Some(e) = conn.dead() {
+        drop(w);
+        shared.lost_if(peer, &e);
+        return Err(e);
     }
     let mut h = Header::new(Kind::Notif);
+    h.flags = wire::F_NOACK;
     h.id = id;
     h.len = msg.len() as u32;
     let hb = h.encode();

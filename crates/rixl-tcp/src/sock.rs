@@ -142,8 +142,28 @@ pub unsafe fn readv_exact(
     iov: &mut [libc::iovec],
     deadline: Option<Instant>,
 ) -> io::Result<()> {
+    let all = iov.iter().map(|v| v.iov_len).sum();
+    // SAFETY: forwarded from the caller.
+    unsafe { readv_min(s, iov, all, deadline) }.map(drop)
+}
+
+/// Reads at least `min` bytes into `iov` (consumed in place), and whatever more of `iov` the
+/// same calls deliver; returns the bytes read. A reader that knows what comes next (the next
+/// frame's header after a payload) gets it in the same system call when it is already there.
+/// `deadline` bounds the whole call, as for [`readv_exact`].
+///
+/// # Safety
+/// Every iovec must describe memory writable for its length for the duration of the call, and
+/// not otherwise accessed meanwhile.
+pub unsafe fn readv_min(
+    s: &TcpStream,
+    iov: &mut [libc::iovec],
+    min: usize,
+    deadline: Option<Instant>,
+) -> io::Result<usize> {
+    let mut got = 0;
     let mut start = advance(iov, 0, 0);
-    while start < iov.len() {
+    while got < min && start < iov.len() {
         let cnt = (iov.len() - start).min(IOV_BATCH);
         // SAFETY: the caller guarantees the iovecs are writable; `start + cnt <= len`.
         let n = unsafe { libc::readv(s.as_raw_fd(), iov.as_ptr().add(start), cnt as i32) };
@@ -158,53 +178,274 @@ pub unsafe fn readv_exact(
         if n == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
+        got += n as usize;
         start = advance(iov, start, n as usize);
-        if start < iov.len() && deadline.is_some_and(|d| Instant::now() >= d) {
+        if got < min && deadline.is_some_and(|d| Instant::now() >= d) {
             return Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 "the peer did not send a whole frame in time",
             ));
         }
     }
-    Ok(())
+    Ok(got)
 }
 
-/// What [`read_header`] does while a connection is idle.
-pub enum Idle {
-    /// Keep waiting.
-    Wait,
-    /// Stop: return `Ok(false)` as for an end of stream.
-    Stop,
-}
-
-/// Reads a frame header in as few system calls as possible (one, usually): waits without limit
-/// for its first bytes (an idle connection is fine; `on_idle` runs at every receive timeout and
-/// may stop the wait or fail it), then at most `deadline` for the rest. `Ok(false)` on a clean
-/// end of stream before any byte.
-pub fn read_header(
+/// [`readv_min`], but waiting for data by polling (yielding between looks) instead of
+/// sleeping in the kernel.
+///
+/// # Safety
+/// As for [`readv_min`].
+pub unsafe fn readv_spin(
     s: &TcpStream,
-    buf: &mut [u8],
-    deadline: Duration,
-    mut on_idle: impl FnMut() -> io::Result<Idle>,
-) -> io::Result<bool> {
-    use std::io::Read;
-    let n = loop {
-        match (&*s).read(buf) {
-            Ok(0) => return Ok(false),
-            Ok(n) => break n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if timed_out(&e) => {
-                if let Idle::Stop = on_idle()? {
-                    return Ok(false);
-                }
+    iov: &mut [libc::iovec],
+    min: usize,
+    deadline: Option<Instant>,
+) -> io::Result<usize> {
+    let mut got = 0;
+    let mut start = advance(iov, 0, 0);
+    while got < min && start < iov.len() {
+        // SAFETY: forwarded from the caller; `start < len`.
+        match unsafe { recv_some(s, &mut iov[start..], true) }? {
+            Some(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Some(n) => {
+                got += n;
+                start = advance(iov, start, n);
             }
-            Err(e) => return Err(e),
+            None => {
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the peer did not send a whole frame in time",
+                    ));
+                }
+                std::thread::yield_now();
+            }
         }
-    };
-    if n < buf.len() {
-        read_exact(s, &mut buf[n..], Some(Instant::now() + deadline))?;
     }
-    Ok(true)
+    Ok(got)
+}
+
+/// One `recvmsg` into `iov` (at most [`IOV_BATCH`] entries), without blocking when `nonblocking`.
+/// `Ok(None)`: nothing to read right now; `Ok(Some(0))`: end of stream. The socket's own
+/// blocking mode is left alone (the writer shares the open file), so non-blocking reads use
+/// `MSG_DONTWAIT`; blocking ones are bounded by the socket's receive timeout.
+///
+/// # Safety
+/// Every iovec must describe memory writable for its length for the duration of the call, and
+/// not otherwise accessed meanwhile.
+pub unsafe fn recv_some(
+    s: &TcpStream,
+    iov: &mut [libc::iovec],
+    nonblocking: bool,
+) -> io::Result<Option<usize>> {
+    // SAFETY: msghdr is plain data; every field we do not set is a null pointer or zero.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov.as_mut_ptr();
+    msg.msg_iovlen = iov.len().min(IOV_BATCH) as _;
+    let flags = if nonblocking { libc::MSG_DONTWAIT } else { 0 };
+    loop {
+        // SAFETY: `msg` points at `iov`, which the caller guarantees is writable.
+        let n = unsafe { libc::recvmsg(s.as_raw_fd(), &mut msg, flags) };
+        if n >= 0 {
+            return Ok(Some(n as usize));
+        }
+        let e = io::Error::last_os_error();
+        match e.kind() {
+            io::ErrorKind::Interrupted => continue,
+            io::ErrorKind::WouldBlock if nonblocking => return Ok(None),
+            _ => return Err(e),
+        }
+    }
+}
+
+/// True when a read would not block right now: data, end of stream or an error are waiting
+/// (one non-blocking peek; nothing is consumed).
+pub fn readable_now(s: &TcpStream) -> bool {
+    let mut b = 0u8;
+    // SAFETY: one writable byte; MSG_PEEK leaves the queue as it is.
+    let n = unsafe {
+        libc::recv(
+            s.as_raw_fd(),
+            (&mut b as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n >= 0 || io::Error::last_os_error().kind() != io::ErrorKind::WouldBlock
+}
+
+/// Bytes waiting in the socket's receive queue (0 if the kernel will not say).
+pub fn queued_input(s: &TcpStream) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one c_int into `n`; the descriptor is our open socket.
+    let rc = unsafe { libc::ioctl(s.as_raw_fd(), libc::FIONREAD, &mut n) };
+    if rc == 0 {
+        n.max(0) as usize
+    } else {
+        0
+    }
+}
+
+/// Sends as much of `buf` as the socket takes without blocking; how much that was.
+pub fn send_now(s: &TcpStream, buf: &[u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: `buf` is readable for its length during the call.
+        let n = unsafe {
+            libc::send(
+                s.as_raw_fd(),
+                buf.as_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        match e.kind() {
+            io::ErrorKind::Interrupted => continue,
+            io::ErrorKind::WouldBlock => return Ok(0),
+            _ => return Err(e),
+        }
+    }
+}
+
+/// [`recv_some`] into one plain buffer, without blocking.
+pub fn recv_now(s: &TcpStream, buf: &mut [u8]) -> io::Result<Option<usize>> {
+    let mut iov = [libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    }];
+    // SAFETY: the iovec covers `buf`, which we borrow mutably for the call.
+    unsafe { recv_some(s, &mut iov, true) }
+}
+
+/// A readiness watch on one socket (an epoll instance of its own), for a thread that sleeps
+/// until the socket has something to read. Its interest can be changed from other threads at
+/// any time: [`Poller::watch_data`]`(false)` keeps the sleeper asleep when data arrive (only
+/// hang-up and errors wake it), which is how a thread that reads the socket itself while it
+/// spins avoids a pointless wake-up of the sleeper per message. Re-enabling data while data are
+/// already queued wakes the sleeper at once (epoll re-checks readiness on modification), so no
+/// arrival is missed.
+#[derive(Debug)]
+pub struct Poller {
+    ep: std::os::fd::OwnedFd,
+    fd: i32,
+}
+
+impl Poller {
+    /// Watches `s` for data and hang-up.
+    pub fn new(s: &TcpStream) -> io::Result<Poller> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: plain system call; the result is checked before use.
+        let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if ep < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let p = Poller {
+            // SAFETY: `ep` is a fresh descriptor that nothing else owns.
+            ep: unsafe { std::os::fd::OwnedFd::from_raw_fd(ep) },
+            fd: s.as_raw_fd(),
+        };
+        p.ctl(libc::EPOLL_CTL_ADD, true)?;
+        Ok(p)
+    }
+
+    fn ctl(&self, op: i32, data: bool) -> io::Result<()> {
+        use std::os::fd::AsRawFd as _;
+        let mut ev = libc::epoll_event {
+            events: (libc::EPOLLRDHUP | if data { libc::EPOLLIN } else { 0 }) as u32,
+            u64: 0,
+        };
+        // SAFETY: `ev` is valid for the call; both descriptors are open (the socket is owned by
+        // the connection that owns this poller).
+        let rc = unsafe { libc::epoll_ctl(self.ep.as_raw_fd(), op, self.fd, &mut ev) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
+    /// Also wakes the sleeper when `fd` (an [`EventFd`]) is signalled.
+    pub fn add_wake(&self, fd: &EventFd) -> io::Result<()> {
+        use std::os::fd::AsRawFd as _;
+        let mut ev = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: 1,
+        };
+        // SAFETY: `ev` is valid for the call; both descriptors are open.
+        let rc = unsafe {
+            libc::epoll_ctl(
+                self.ep.as_raw_fd(),
+                libc::EPOLL_CTL_ADD,
+                fd.0.as_raw_fd(),
+                &mut ev,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
+    /// Whether arriving data wake the sleeper (hang-up and errors always do).
+    pub fn watch_data(&self, data: bool) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_MOD, data)
+    }
+
+    /// Sleeps until the socket is ready (as watched) or `timeout` passes; true when ready.
+    pub fn wait(&self, timeout: Duration) -> io::Result<bool> {
+        use std::os::fd::AsRawFd as _;
+        let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
+        let mut ev = libc::epoll_event { events: 0, u64: 0 };
+        // SAFETY: one writable event slot; the epoll descriptor is ours.
+        let n = unsafe { libc::epoll_wait(self.ep.as_raw_fd(), &mut ev, 1, ms) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return if e.kind() == io::ErrorKind::Interrupted {
+                Ok(false)
+            } else {
+                Err(e)
+            };
+        }
+        Ok(n > 0)
+    }
+}
+
+/// A counter another thread signals to wake a [`Poller`]'s sleeper explicitly.
+#[derive(Debug)]
+pub struct EventFd(std::os::fd::OwnedFd);
+
+impl EventFd {
+    /// A non-blocking event counter.
+    pub fn new() -> io::Result<EventFd> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: plain system call; the result is checked before use.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+        Ok(EventFd(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// Signals it (wakes a poller watching it until [`EventFd::clear`]).
+    pub fn signal(&self) {
+        use std::os::fd::AsRawFd as _;
+        let one = 1u64;
+        // SAFETY: writes 8 bytes from `one`; a full counter (never, here) only fails the call.
+        let _ = unsafe { libc::write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+
+    /// Resets it.
+    pub fn clear(&self) {
+        use std::os::fd::AsRawFd as _;
+        let mut v = 0u64;
+        // SAFETY: reads 8 bytes into `v`; non-blocking, so an unsignalled counter just fails.
+        let _ = unsafe { libc::read(self.0.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+    }
 }
 
 /// Reads exactly `buf` from the socket (bounded by `deadline`).

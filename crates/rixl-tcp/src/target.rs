@@ -1,5 +1,6 @@
-//! The target side: the listener, one server thread per inbound connection, and the table of
-//! this agent's registrations that every incoming range is checked against.
+//! The target side: the listener, one server thread per inbound connection, the threads
+//! waiting for notifications that serve connections too, and the table of this agent's
+//! registrations that every incoming range is checked against.
 //!
 //! A peer is never trusted. Each WRITE or READ names a region token, an address and a length;
 //! the server looks the token up in *its own* table, checks that the range lies inside that
@@ -11,10 +12,33 @@
 //!
 //! Deregistration is fenced: a region being served counts as in use, and `deregister` marks it
 //! dead and waits until no server is inside it, so no byte lands after `deregister` returns.
+//!
+//! ## Who serves a connection, and why
+//!
+//! A thread blocked in the kernel takes ~5 us to wake on the small VMs this is built on (much
+//! more when its core was idle): for a 4 KiB WRITE that is a third of the round trip, and a
+//! notification handed from a server thread to a waiting application thread pays it twice.
+//! So:
+//!
+//! - after serving, a server thread keeps looking for the next request for `SERVER_SPIN`
+//!   (yielding between looks, at most `max_spinners` servers at once) before it sleeps in
+//!   `epoll_wait`: back-to-back requests then find it awake. Idle connections cost nothing.
+//! - a thread in `Agent::wait_notif` (or `get_notifs`) serves the inbound connections itself
+//!   ([`Inbound::serve_ready`], through `Backend::poll_notifs`), and while any does, arriving
+//!   requests do not wake the server threads ([`Inbound::attend`]), nor do servers spin. The
+//!   notification is delivered on the thread that wants it.
+//!
+//! The request stream's state (`Serving`) sits under a mutex held by whoever serves, so a
+//! header begun by one is finished by the other. A waiting thread never blocks on the socket,
+//! whatever the peer does: it serves only requests whose payload has fully arrived and that
+//! move at most `WAITER_MAX_FRAME` bytes into memory (no READs, whose answers could block on
+//! a peer that does not read), writes answers only as far as the socket takes them at once,
+//! and leaves the rest (a pending request, unsent answers) to the server thread, which it
+//! wakes through an eventfd.
 
 use std::collections::HashMap;
 use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -175,7 +199,11 @@ impl Session {
 /// The inbound side of the backend.
 #[derive(Debug, Default)]
 pub struct Inbound {
+    /// Every accepted socket (clones), so that teardown can close them even mid-handshake.
     streams: Mutex<Vec<TcpStream>>,
+    live: Mutex<Live>,
+    /// `live.attending`, readable without the lock by spinning servers.
+    attending: AtomicUsize,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
     sessions: Mutex<HashMap<(u64, String), Weak<Session>>>,
 }
@@ -274,44 +302,247 @@ fn frame_deadline(shared: &Shared, len: u64) -> Instant {
     Instant::now() + shared.deadline + Duration::from_micros(len / 10)
 }
 
-fn send_err(stream: &TcpStream, id: u64, code: ErrCode, msg: &str) -> std::io::Result<()> {
+/// Queues an `Err` answer to request `id`.
+fn queue_err(st: &mut Serving, id: u64, code: ErrCode, msg: &str) {
     let msg = &msg.as_bytes()[..msg.len().min(wire::MAX_ERR as usize)];
     let mut h = Header::new(Kind::Err);
     h.id = id;
     h.size = code as u64;
     h.len = msg.len() as u32;
-    let hb = h.encode();
-    let mut iov = [
-        libc::iovec {
-            iov_base: hb.as_ptr() as *mut libc::c_void,
-            iov_len: hb.len(),
-        },
-        libc::iovec {
-            iov_base: msg.as_ptr() as *mut libc::c_void,
-            iov_len: msg.len(),
-        },
-    ];
-    // SAFETY: both iovecs point into live local buffers that writev only reads.
-    unsafe { sock::writev_all(stream, &mut iov) }
+    st.out.extend_from_slice(&h.encode());
+    st.out.extend_from_slice(msg);
 }
 
-fn send_ack(stream: &TcpStream, id: u64) -> std::io::Result<()> {
-    let mut h = Header::new(Kind::Ack);
-    h.id = id;
-    sock::write_all(stream, &h.encode())
-}
-
-/// Bytes waiting in the receive queue (0 on error).
-fn pending_input(stream: &TcpStream) -> usize {
-    use std::os::fd::AsRawFd;
-    let mut n: libc::c_int = 0;
-    // SAFETY: FIONREAD writes one c_int into `n`; the fd is our open socket.
-    let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::FIONREAD, &mut n) };
-    if rc == 0 {
-        n.max(0) as usize
-    } else {
-        0
+/// Writes the queued answers: on the server thread all of them (bounded by the deadline), on
+/// a waiting thread whatever the socket takes without blocking (the rest is the server's).
+fn flush(shared: &Shared, c: &InConn, st: &mut Serving, waiter: bool) -> Result<(), End> {
+    if st.out.is_empty() {
+        return Ok(());
     }
+    if waiter {
+        let n = sock::send_now(&c.stream, &st.out).map_err(|e| End::io("answering", e))?;
+        st.out.drain(..n);
+        return Ok(());
+    }
+    let mut iov = [libc::iovec {
+        iov_base: st.out.as_ptr() as *mut libc::c_void,
+        iov_len: st.out.len(),
+    }];
+    // SAFETY: the iovec covers `st.out`, borrowed for the call; writev only reads it.
+    unsafe { sock::writev_until(&c.stream, &mut iov, Some(Instant::now() + shared.deadline)) }
+        .map_err(|e| End::io("answering", e))?;
+    st.out.clear();
+    Ok(())
+}
+
+/// After serving, a server keeps looking for the next request this long before it sleeps: a
+/// sleeping thread costs a scheduler wake-up (~5 us on small VMs) per request, which is much
+/// of a small transfer's round trip, and back-to-back requests (an initiator's next post, the
+/// next leg of a ping-pong) usually arrive within this window. An idle connection costs
+/// nothing: the spin only follows activity, and is skipped while a thread waiting for
+/// notifications serves the connections itself.
+/// The server thread receives a payload at least this large by polling the socket (yielding
+/// between looks) rather than sleeping in `readv`: the data arrive in pieces (64 KiB segments
+/// on loopback), and a sleeping reader pays a wake-up per piece, a quarter of the time the
+/// piece takes to copy on the small VMs this is built on. It is busy for the whole frame
+/// anyway, and the frame deadline bounds the wait.
+const POLLED_PAYLOAD: usize = 128 << 10;
+const SERVER_SPIN: Duration = Duration::from_micros(50);
+/// Threads waiting for notifications serve the inbound connections themselves, and keep the
+/// servers asleep meanwhile, only up to this many connections (each costs a system call per
+/// look, and one per change of who is woken).
+const MAX_ATTENDED: usize = 16;
+/// A waiting thread serves at most this many requests per look (a peer that keeps sending
+/// must not keep it from its own notification and timeout).
+const WAITER_MAX_FRAMES: usize = 32;
+/// Requests moving more than this many bytes are left by waiting threads to the server
+/// thread: a thread waiting for a notification should not spend milliseconds copying someone
+/// else's data.
+const WAITER_MAX_FRAME: u64 = 64 << 10;
+
+/// One inbound connection past its hello: what its server thread and the threads waiting
+/// for notifications (see [`Inbound::serve_ready`]) share.
+pub struct InConn {
+    stream: TcpStream,
+    /// What the server thread sleeps on: the socket, and `handoff`.
+    poller: sock::Poller,
+    /// Signalled by a waiting thread that leaves a large request to the server thread.
+    handoff: sock::EventFd,
+    session: Arc<Session>,
+    /// Held by whoever serves the connection.
+    state: Mutex<Serving>,
+}
+
+impl std::fmt::Debug for InConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InConn")
+            .field("from", &self.session.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The request stream between reads: a header in the making, or a request handed over by a
+/// waiting thread (`pending`), and the answers not written yet. A request is served to the
+/// end by one thread (its payload is on the way: bounded by the frame deadline on the server
+/// thread, already arrived for a waiting thread).
+struct Serving {
+    hb: [u8; HEADER_LEN],
+    /// Header bytes received so far.
+    have: usize,
+    /// When the first bytes of an incomplete header arrived: the rest must follow within the
+    /// deadline.
+    since: Option<Instant>,
+    /// The last request served whose acknowledgement has not been sent: acks are cumulative
+    /// and sent when the receive queue runs dry, so a burst of small writes costs one ack.
+    unacked: Option<u64>,
+    scratch: Vec<u8>,
+    /// A request whose header a waiting thread read but which it cannot serve without
+    /// blocking or without moving much data (see [`serve_ready`]): the server thread serves
+    /// it next.
+    pending: Option<Header>,
+    /// Answers not written yet (a waiting thread leaves what the socket did not take at once;
+    /// the server thread writes it before anything else).
+    out: Vec<u8>,
+    /// `handoff` has been signalled and not cleared yet.
+    signalled: bool,
+    /// Set once the connection is over (by whoever found out).
+    end: Option<End>,
+}
+
+impl Serving {
+    /// Has the server thread take over what a waiting thread left (`pending`, `out`).
+    fn hand_off(&mut self, c: &InConn) {
+        if !std::mem::replace(&mut self.signalled, true) {
+            c.handoff.signal();
+        }
+    }
+}
+
+/// How a connection ended.
+#[derive(Clone, Debug)]
+enum End {
+    /// The initiator said goodbye.
+    Clean,
+    /// End of stream without a goodbye, a broken frame, an I/O error, or the backend stopping.
+    Broken(String),
+}
+
+impl End {
+    fn io(what: &str, e: impl std::fmt::Display) -> End {
+        End::Broken(format!("{what}: {e}"))
+    }
+}
+
+/// The connections being served right now, and the threads attending them.
+#[derive(Debug, Default)]
+struct Live {
+    /// Copied on change, so that a waiting thread can walk it without holding the lock.
+    conns: Arc<Vec<Arc<InConn>>>,
+    /// Threads waiting for notifications (serving the connections themselves).
+    attending: usize,
+    /// Requests do not wake the server threads (set while anyone attends, unless there are
+    /// too many connections).
+    quiet: bool,
+}
+
+impl Inbound {
+    fn add(&self, c: Arc<InConn>) {
+        let mut l = self.live.lock();
+        let mut v = Vec::clone(&l.conns);
+        v.push(c.clone());
+        if l.quiet && v.len() <= MAX_ATTENDED {
+            let _ = c.poller.watch_data(false);
+        }
+        l.conns = Arc::new(v);
+    }
+
+    fn remove(&self, c: &Arc<InConn>) {
+        let mut l = self.live.lock();
+        let v: Vec<_> = l
+            .conns
+            .iter()
+            .filter(|x| !Arc::ptr_eq(x, c))
+            .cloned()
+            .collect();
+        l.conns = Arc::new(v);
+    }
+
+    /// A thread starts (`true`) or stops (`false`) waiting for notifications, serving the
+    /// inbound connections itself ([`Inbound::serve_ready`]) while it spins. While anyone does,
+    /// requests do not wake the server threads (only hang-ups do) and servers do not spin; the
+    /// last one to stop lets requests wake them again, which wakes them at once for anything
+    /// that arrived meanwhile.
+    pub fn attend(&self, on: bool) {
+        let mut l = self.live.lock();
+        l.attending = if on {
+            l.attending + 1
+        } else {
+            l.attending.saturating_sub(1)
+        };
+        self.attending.store(l.attending, Ordering::Release);
+        let quiet = l.attending > 0 && (l.quiet || l.conns.len() <= MAX_ATTENDED);
+        if quiet != l.quiet {
+            l.quiet = quiet;
+            for c in l.conns.iter() {
+                if let Err(e) = c.poller.watch_data(!quiet) {
+                    tracing::debug!("TCP: cannot change what wakes a server: {e}");
+                }
+            }
+        }
+    }
+
+    /// Serves, on the calling thread and without blocking, whatever requests have fully
+    /// arrived on connections no other thread is serving right now (see the module docs for
+    /// what is left to the server threads). This delivers notifications without waiting for a
+    /// server thread to be scheduled.
+    pub fn serve_ready(&self, shared: &Shared) {
+        let conns = self.live.lock().conns.clone();
+        if conns.len() > MAX_ATTENDED {
+            return;
+        }
+        for c in conns.iter() {
+            if let Some(mut st) = c.state.try_lock() {
+                if st.end.is_none() && st.pending.is_none() && st.out.is_empty() {
+                    if let Err(e) = serve_ready(shared, c, &mut st, true) {
+                        st.end = Some(e);
+                        // Wakes the server thread, which finishes the connection.
+                        let _ = c.stream.shutdown(std::net::Shutdown::Both);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Looks for the next request for up to [`SERVER_SPIN`], yielding between looks; true when
+/// something arrived (or the connection ended). Skipped while notification waiters serve the
+/// connections, and when `max_spinners` servers of this backend spin already (on a small
+/// machine, spinners compete with the threads that produce the requests).
+fn spin_for_input(shared: &Shared, c: &InConn) -> bool {
+    if shared.inbound.attending.load(Ordering::Acquire) > 0 {
+        return false;
+    }
+    if shared.spinners.fetch_add(1, Ordering::AcqRel) >= shared.max_spinners {
+        shared.spinners.fetch_sub(1, Ordering::AcqRel);
+        return false;
+    }
+    let start = Instant::now();
+    let found = loop {
+        if start.elapsed() >= SERVER_SPIN
+            || shared.stopping.load(Ordering::Relaxed)
+            || shared.inbound.attending.load(Ordering::Acquire) > 0
+        {
+            break false;
+        }
+        // Yield rather than spin: on a small machine the thread that sends the next request
+        // (or a thread of another process) may need this core.
+        std::thread::yield_now();
+        if sock::readable_now(&c.stream) {
+            break true;
+        }
+    };
+    shared.spinners.fetch_sub(1, Ordering::AcqRel);
+    found
 }
 
 /// Serves one inbound connection: a hello, then requests until goodbye or end of stream.
@@ -326,15 +557,47 @@ fn serve(shared: &Arc<Shared>, stream: TcpStream) {
             return;
         }
     };
+    let watch = sock::Poller::new(&stream).and_then(|p| {
+        let e = sock::EventFd::new()?;
+        p.add_wake(&e)?;
+        Ok((p, e))
+    });
+    let (poller, handoff) = match watch {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!("TCP: cannot watch an inbound connection: {e}");
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+            shared.inbound.forget(&stream);
+            return;
+        }
+    };
     let session = shared.inbound.session(&hello.from, hello.from_nonce);
-    let mut clean = false;
-    let outcome = serve_requests(shared, &stream, &session, &mut hb, &mut clean);
-    let _ = stream.shutdown(std::net::Shutdown::Both);
-    shared.inbound.forget(&stream);
-    if let Err(e) = &outcome {
+    let c = Arc::new(InConn {
+        stream,
+        poller,
+        handoff,
+        session: session.clone(),
+        state: Mutex::new(Serving {
+            hb: [0; HEADER_LEN],
+            have: 0,
+            since: None,
+            unacked: None,
+            scratch: Vec::new(),
+            pending: None,
+            out: Vec::new(),
+            signalled: false,
+            end: None,
+        }),
+    });
+    shared.inbound.add(c.clone());
+    let end = run(shared, &c);
+    let _ = c.stream.shutdown(std::net::Shutdown::Both);
+    shared.inbound.remove(&c);
+    shared.inbound.forget(&c.stream);
+    if let End::Broken(e) = &end {
         tracing::debug!("TCP: connection from {:?} ended: {e}", hello.from);
     }
-    if !clean && !shared.stopping.load(Ordering::SeqCst) {
+    if !matches!(end, End::Clean) && !shared.stopping.load(Ordering::SeqCst) {
         // Only a connection whose hello matches the initiator's published instance may make us
         // drop that agent: a self-declared name alone is not enough.
         let peer = shared.peers.lock().get(&hello.from).cloned();
@@ -389,126 +652,286 @@ fn handshake(
     Ok(hello)
 }
 
-fn serve_requests(
-    shared: &Shared,
-    stream: &TcpStream,
-    session: &Session,
-    hb: &mut [u8; HEADER_LEN],
-    clean: &mut bool,
-) -> Result<(), String> {
-    let mut scratch = Vec::new();
-    // The last request served whose acknowledgement has not been sent: acks are cumulative
-    // and sent when the receive queue is empty, so a burst of small writes costs one ack.
-    let mut unacked: Option<u64> = None;
+/// The server thread's loop: sleep until a request arrives (unless a notification waiter is
+/// serving the connection), serve what is there, look for more for a moment, repeat.
+fn run(shared: &Shared, c: &InConn) -> End {
+    // Requests may have followed the hello at once.
+    let mut ready = true;
+    let mut timeout = shared.deadline;
     loop {
-        if let Some(id) = unacked {
-            if pending_input(stream) < HEADER_LEN {
-                send_ack(stream, id).map_err(|e| e.to_string())?;
+        if !ready {
+            if let Err(e) = c.poller.wait(timeout) {
+                return End::io("cannot wait for the socket", e);
             }
         }
-        let more = sock::read_header(stream, hb, shared.deadline, || {
-            Ok(if shared.stopping.load(Ordering::SeqCst) {
-                sock::Idle::Stop
-            } else {
-                sock::Idle::Wait
-            })
-        })
-        .map_err(|e| e.to_string())?;
-        if !more {
-            return Ok(());
+        let mut st = c.state.lock();
+        if let Some(e) = &st.end {
+            return e.clone();
         }
-        let h = Header::parse(hb).map_err(|e| e.to_string())?;
-        let counted = h.flags & wire::F_COUNTED != 0;
-        match h.kind {
-            Kind::Write => {
-                let len = u64::from(h.len);
-                let deadline = Some(frame_deadline(shared, len));
-                match shared.regions.acquire(h.token, h.addr, len) {
-                    Ok(region) => {
-                        let mut iov = [libc::iovec {
-                            iov_base: h.addr as *mut libc::c_void,
-                            iov_len: h.len as usize,
-                        }];
-                        // SAFETY: `[addr, addr+len)` lies inside a live registration of this
-                        // agent (checked above) and stays registered while `region` is held
-                        // (deregistration waits for it); the application promised that
-                        // registered memory is valid and not accessed during transfers.
-                        unsafe { sock::readv_exact(stream, &mut iov, deadline) }
-                            .map_err(|e| format!("receiving WRITE data: {e}"))?;
-                        drop(region);
-                        if counted {
-                            session.part_served(shared, h.post);
-                        }
-                        unacked = Some(h.id);
-                    }
-                    Err(msg) => {
-                        // Keep the stream framed: read the payload into scratch and drop it.
-                        let mut left = h.len as usize;
-                        scratch.resize(left.min(1 << 20), 0);
-                        while left > 0 {
-                            let n = left.min(scratch.len());
-                            sock::read_exact(stream, &mut scratch[..n], deadline)
-                                .map_err(|e| e.to_string())?;
-                            left -= n;
-                        }
-                        tracing::warn!("TCP: refused a WRITE from {:?}: {msg}", session.name);
-                        unacked = None;
-                        send_err(stream, h.id, ErrCode::NotFound, &msg)
-                            .map_err(|e| e.to_string())?;
-                    }
+        if shared.stopping.load(Ordering::SeqCst) {
+            return End::Broken("the backend is stopping".into());
+        }
+        let r = serve_ready(shared, c, &mut st, false).and_then(|_| match st.since {
+            None => Ok(shared.deadline),
+            Some(t) => shared
+                .deadline
+                .checked_sub(t.elapsed())
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| End::Broken("a frame header was not completed in time".into())),
+        });
+        match r {
+            Ok(t) => timeout = t,
+            Err(e) => {
+                st.end = Some(e.clone());
+                return e;
+            }
+        }
+        drop(st);
+        ready = spin_for_input(shared, c);
+    }
+}
+
+/// Serves every request that can be read now and acknowledges them when the queue runs dry.
+/// Returns how many were served; an error ends the connection.
+///
+/// A waiting thread (`waiter`) never blocks on the socket, whatever the peer does: it serves a
+/// request only if the request's whole payload has arrived and moves at most
+/// [`WAITER_MAX_FRAME`] bytes into memory (READs, whose answers could block on a peer that
+/// does not read, are always left to the server thread), writes answers only as far as the
+/// socket takes them at once, and hands anything else to the server thread (`pending`, `out`,
+/// then a signal on `handoff`).
+fn serve_ready(shared: &Shared, c: &InConn, st: &mut Serving, waiter: bool) -> Result<usize, End> {
+    let mut served = 0;
+    if !waiter {
+        if std::mem::take(&mut st.signalled) {
+            c.handoff.clear();
+        }
+        flush(shared, c, st, false)?;
+        if let Some(h) = st.pending.take() {
+            if !serve_frame(shared, c, st, h, false)? {
+                return Err(End::Clean);
+            }
+            served += 1;
+        }
+    }
+    // Payload bytes known to be queued on the socket (waiters only; asked once, lazily).
+    let mut queued: Option<usize> = None;
+    loop {
+        let have = st.have;
+        // A whole header may be here already (read with the previous payload).
+        let got = if have == HEADER_LEN {
+            Some(0)
+        } else {
+            match sock::recv_now(&c.stream, &mut st.hb[have..])
+                .map_err(|e| End::io("receiving", e))?
+            {
+                Some(0) => return Err(End::Broken("end of stream without a goodbye".into())),
+                got => got,
+            }
+        };
+        match got {
+            Some(n) => st.have += n,
+            None => {
+                if let Some(id) = st.unacked.take() {
+                    let mut h = Header::new(Kind::Ack);
+                    h.id = id;
+                    st.out.extend_from_slice(&h.encode());
                 }
+                flush(shared, c, st, waiter)?;
+                if !st.out.is_empty() {
+                    st.hand_off(c);
+                }
+                return Ok(served);
             }
-            Kind::Read => match shared.regions.acquire(h.token, h.addr, h.size) {
+        }
+        if st.have < HEADER_LEN {
+            st.since.get_or_insert_with(Instant::now);
+            continue;
+        }
+        st.have = 0;
+        st.since = None;
+        let h = Header::parse(&st.hb).map_err(|e| End::Broken(e.to_string()))?;
+        if waiter {
+            let payload = match h.kind {
+                Kind::Write | Kind::Notif => Some(h.len as usize),
+                Kind::Bye => Some(0),
+                _ => None,
+            };
+            let ready = payload
+                .filter(|&n| n as u64 <= WAITER_MAX_FRAME)
+                .is_some_and(|n| {
+                    if n == 0 {
+                        return true;
+                    }
+                    let q = *queued.get_or_insert_with(|| sock::queued_input(&c.stream));
+                    if q < n {
+                        return false;
+                    }
+                    queued = Some(q - n);
+                    true
+                });
+            if !ready {
+                st.pending = Some(h);
+                st.hand_off(c);
+                return Ok(served);
+            }
+        }
+        if !serve_frame(shared, c, st, h, waiter)? {
+            return Err(End::Clean);
+        }
+        served += 1;
+        if waiter && (h.kind == Kind::Notif || served >= WAITER_MAX_FRAMES) {
+            // Back to the caller, which may be waiting for just this notification, or has a
+            // timeout to keep; answer what was served (early answers are always right).
+            if let Some(id) = st.unacked.take() {
+                let mut a = Header::new(Kind::Ack);
+                a.id = id;
+                st.out.extend_from_slice(&a.encode());
+            }
+            flush(shared, c, st, true)?;
+        }
+        if !st.out.is_empty() {
+            // Answers the socket did not take (a waiter's): the server writes them, in order.
+            st.hand_off(c);
+            return Ok(served);
+        }
+        if waiter && (h.kind == Kind::Notif || served >= WAITER_MAX_FRAMES) {
+            return Ok(served);
+        }
+    }
+}
+
+/// Serves one request whose header has arrived; false on a goodbye.
+fn serve_frame(
+    shared: &Shared,
+    c: &InConn,
+    st: &mut Serving,
+    h: Header,
+    waiter: bool,
+) -> Result<bool, End> {
+    let (stream, session) = (&c.stream, &*c.session);
+    let counted = h.flags & wire::F_COUNTED != 0;
+    match h.kind {
+        Kind::Write => {
+            let len = u64::from(h.len);
+            let deadline = Some(frame_deadline(shared, len));
+            match shared.regions.acquire(h.token, h.addr, len) {
                 Ok(region) => {
-                    let mut d = Header::new(Kind::Data);
-                    d.id = h.id;
-                    d.len = h.size as u32;
-                    let db = d.encode();
+                    // The server thread also takes the next request's header if it is there
+                    // already (one system call per request in a burst, not two). A waiting
+                    // thread does not: it counts what it may read without blocking.
+                    let next = if waiter { 0 } else { HEADER_LEN };
                     let mut iov = [
                         libc::iovec {
-                            iov_base: db.as_ptr() as *mut libc::c_void,
-                            iov_len: db.len(),
+                            iov_base: h.addr as *mut libc::c_void,
+                            iov_len: h.len as usize,
                         },
                         libc::iovec {
-                            iov_base: h.addr as *mut libc::c_void,
-                            iov_len: h.size as usize,
+                            iov_base: st.hb.as_mut_ptr().cast(),
+                            iov_len: next,
                         },
                     ];
-                    let deadline = Some(frame_deadline(shared, h.size));
-                    // SAFETY: the data range lies inside a live registration (checked) that
-                    // stays registered while `region` is held; writev only reads it.
-                    unsafe { sock::writev_until(stream, &mut iov, deadline) }
-                        .map_err(|e| format!("sending READ data: {e}"))?;
+                    // Both calls below write only into `iov`: `[addr, addr+len)` lies inside a
+                    // live registration of this agent (checked above) and stays registered
+                    // while `region` is held (deregistration waits for it), and the application
+                    // promised that registered memory is valid and not accessed during
+                    // transfers; the second iovec is `st.hb`, which holds no header bytes at
+                    // this point (the current header was parsed into `h`) and is not touched
+                    // during the call.
+                    let got = if h.len as usize >= POLLED_PAYLOAD {
+                        // SAFETY: see above.
+                        unsafe { sock::readv_spin(stream, &mut iov, h.len as usize, deadline) }
+                    } else {
+                        // SAFETY: see above.
+                        unsafe { sock::readv_min(stream, &mut iov, h.len as usize, deadline) }
+                    }
+                    .map_err(|e| End::io("receiving WRITE data", e))?;
+                    st.have = got - h.len as usize;
+                    if st.have > 0 {
+                        st.since = Some(Instant::now());
+                    }
                     drop(region);
-                    unacked = None;
                     if counted {
                         session.part_served(shared, h.post);
                     }
+                    st.unacked = Some(h.id);
                 }
                 Err(msg) => {
-                    tracing::warn!("TCP: refused a READ from {:?}: {msg}", session.name);
-                    unacked = None;
-                    send_err(stream, h.id, ErrCode::NotFound, &msg).map_err(|e| e.to_string())?;
+                    // Keep the stream framed: read the payload into scratch and drop it.
+                    let mut left = h.len as usize;
+                    st.scratch.resize(left.min(1 << 20), 0);
+                    while left > 0 {
+                        let n = left.min(st.scratch.len());
+                        sock::read_exact(stream, &mut st.scratch[..n], deadline)
+                            .map_err(|e| End::io("receiving refused WRITE data", e))?;
+                        left -= n;
+                    }
+                    tracing::warn!("TCP: refused a WRITE from {:?}: {msg}", session.name);
+                    // The error answers every earlier request too.
+                    st.unacked = None;
+                    queue_err(st, h.id, ErrCode::NotFound, &msg);
+                    flush(shared, c, st, waiter)?;
                 }
-            },
-            Kind::Notif => {
-                let mut msg = vec![0u8; h.len as usize];
-                sock::read_exact(stream, &mut msg, Some(frame_deadline(shared, h.len.into())))
-                    .map_err(|e| e.to_string())?;
-                if h.size == 0 {
-                    shared.ctx.notifs.deliver(&session.name, &msg);
-                } else {
-                    session.notif(shared, h.post, h.size, msg);
+            }
+        }
+        Kind::Read => match shared.regions.acquire(h.token, h.addr, h.size) {
+            // Only the server thread serves READs (see `serve_ready`), so blocking is fine.
+            Ok(region) => {
+                flush(shared, c, st, false)?;
+                let mut d = Header::new(Kind::Data);
+                d.id = h.id;
+                d.len = h.size as u32;
+                let db = d.encode();
+                let mut iov = [
+                    libc::iovec {
+                        iov_base: db.as_ptr() as *mut libc::c_void,
+                        iov_len: db.len(),
+                    },
+                    libc::iovec {
+                        iov_base: h.addr as *mut libc::c_void,
+                        iov_len: h.size as usize,
+                    },
+                ];
+                let deadline = Some(frame_deadline(shared, h.size));
+                // SAFETY: the data range lies inside a live registration (checked) that
+                // stays registered while `region` is held; writev only reads it.
+                unsafe { sock::writev_until(stream, &mut iov, deadline) }
+                    .map_err(|e| End::io("sending READ data", e))?;
+                drop(region);
+                // The data answer every earlier request too.
+                st.unacked = None;
+                if counted {
+                    session.part_served(shared, h.post);
                 }
-                unacked = Some(h.id);
             }
-            Kind::Bye => {
-                *clean = true;
-                return Ok(());
+            Err(msg) => {
+                tracing::warn!("TCP: refused a READ from {:?}: {msg}", session.name);
+                st.unacked = None;
+                queue_err(st, h.id, ErrCode::NotFound, &msg);
+                flush(shared, c, st, waiter)?;
             }
-            other => return Err(format!("unexpected {other:?} frame from an initiator")),
+        },
+        Kind::Notif => {
+            let mut msg = vec![0u8; h.len as usize];
+            sock::read_exact(stream, &mut msg, Some(frame_deadline(shared, h.len.into())))
+                .map_err(|e| End::io("receiving a notification", e))?;
+            if h.size == 0 {
+                shared.ctx.notifs.deliver(&session.name, &msg);
+            } else {
+                session.notif(shared, h.post, h.size, msg);
+            }
+            if h.flags & wire::F_NOACK == 0 {
+                st.unacked = Some(h.id);
+            }
+        }
+        Kind::Bye => return Ok(false),
+        other => {
+            return Err(End::Broken(format!(
+                "unexpected {other:?} frame from an initiator"
+            )))
         }
     }
+    Ok(true)
 }
 
 #[cfg(test)]

@@ -20,8 +20,9 @@
 use rixl_core::codec::{Reader, Writer};
 use rixl_core::{Error, Result};
 
-/// Protocol version carried in the hello.
-pub const VERSION: u16 = 1;
+/// Protocol version carried in the hello. 2: standalone notifications are not acknowledged
+/// ([`F_NOACK`]).
+pub const VERSION: u16 = 2;
 /// First byte of every frame.
 pub const MAGIC: u8 = 0xA7;
 /// Size of a frame header.
@@ -37,7 +38,11 @@ pub const MAX_ERR: u32 = 4096;
 
 /// Flag: the frame is one part of a post whose notification waits for all its parts.
 pub const F_COUNTED: u16 = 1;
-const KNOWN_FLAGS: u16 = F_COUNTED;
+/// Flag (notifications only): a standalone notification, which the target does not
+/// acknowledge. Nothing waits for it, and an acknowledgement would cost a TCP segment on each
+/// side and a wake-up of the initiator's reader thread per notification.
+pub const F_NOACK: u16 = 2;
+const KNOWN_FLAGS: u16 = F_COUNTED | F_NOACK;
 
 /// What a frame is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -222,6 +227,9 @@ impl Header {
             post: u64_at(40),
         };
         let len64 = u64::from(len);
+        if flags & F_NOACK != 0 && kind != Kind::Notif {
+            return Err(WireError::BadFlags(flags));
+        }
         let ok = match kind {
             Kind::Hello => len <= MAX_HELLO,
             Kind::HelloAck | Kind::Err => len <= MAX_ERR,
@@ -411,6 +419,25 @@ mod tests {
         b[1] = Kind::Ack as u8;
         b[2] = 0x80;
         assert!(matches!(Header::parse(&b), Err(WireError::BadFlags(_))));
+    }
+
+    #[test]
+    fn only_notifications_may_skip_their_acknowledgement() {
+        let mut n = Header::new(Kind::Notif);
+        n.flags = F_NOACK;
+        n.len = 3;
+        assert_eq!(Header::parse(&n.encode()), Ok(n));
+        for kind in [Kind::Write, Kind::Read, Kind::Ack, Kind::Data, Kind::Bye] {
+            let mut h = Header::new(kind);
+            h.flags = F_NOACK;
+            h.len = u32::from(matches!(kind, Kind::Write | Kind::Data));
+            h.size = u64::from(kind == Kind::Read);
+            assert_eq!(
+                Header::parse(&h.encode()),
+                Err(WireError::BadFlags(F_NOACK)),
+                "{kind:?}"
+            );
+        }
     }
 
     #[test]

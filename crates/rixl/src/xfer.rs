@@ -881,6 +881,12 @@ impl XferRequest {
     /// first post. A post past its deadline is cancelled and reported as `Timeout`.
     pub fn status(&self) -> Result<XferStatus> {
         let r = &*self.inner;
+        if r.completion.in_progress() {
+            // One non-blocking step of the backend's work on this thread (TCP reads its
+            // connection), so that a caller polling in a loop sees the completion as soon as
+            // it arrives rather than after a backend thread has been woken to handle it.
+            r.xfer.progress(Duration::ZERO);
+        }
         let s = r.completion.status();
         match &s {
             Ok(XferStatus::InProgress) => {
@@ -942,6 +948,13 @@ impl XferRequest {
             (a, b) => a.or(b),
         };
         let started = Instant::now();
+        // Let the backend drive the post on this thread first (TCP reads its connection here
+        // instead of waking its reader thread); it returns when the post completed or after a
+        // short spin of its own choosing, and the completion cell takes over from there.
+        if r.completion.in_progress() {
+            r.xfer.progress(effective.unwrap_or(Duration::MAX));
+        }
+        let effective = effective.map(|t| t.saturating_sub(started.elapsed()));
         match r.completion.wait(effective) {
             Err(e) if e.kind() == rixl_core::ErrorKind::Timeout => {
                 if deadline_left.is_some_and(|d| started.elapsed() >= d) {

@@ -2,7 +2,11 @@
 //! process and across two, including peers killed mid-transfer and while idle): a malicious
 //! initiator that crafts raw frames against the target's port to read or write outside a
 //! registration, garbage frames, the wrong target instance, a frozen target and its deadline,
-//! cancel of a striped write, and loss reports for the right instance only.
+//! cancel of a striped write, and loss reports for the right instance only. Then the ways a
+//! connection is read: by its backend thread, by threads waiting for their posts, by threads
+//! polling `status()`, and on the target by threads waiting for notifications, all at once on
+//! the same connections; a peer dying while a waiting thread reads; a stalled peer that must
+//! not hold a notification waiter.
 
 #![cfg(feature = "tcp")]
 
@@ -12,10 +16,11 @@ use std::time::{Duration, Instant};
 
 use rixl::{
     Agent, AgentConfig, Desc, ErrorKind, MemType, RegDesc, RegDescList, XferOp, XferOptions,
+    XferRequest, XferStatus,
 };
 use rixl_tcp::wire::{self, ErrCode, Header, Hello, Kind, HEADER_LEN};
 use rixl_testkit::peer::checksum;
-use rixl_testkit::{pattern, unique_name, TestBuffer};
+use rixl_testkit::{block_on, pattern, unique_name, Rng, TestBuffer};
 
 fn agent(prefix: &str) -> Agent {
     Agent::new(&unique_name(prefix), AgentConfig::default().backend("TCP")).unwrap()
@@ -486,5 +491,280 @@ fn only_the_real_instance_can_be_reported_lost() {
             .agent
             .check_remote_metadata(victim.name(), None)),
         "the real instance's abrupt disconnect was not noticed"
+    );
+}
+
+/// Posts `req` and sees it complete in one of four ways: `wait` (the waiting thread reads the
+/// connection), `status()` polling (each poll reads it once), nobody driving it (the backend's
+/// reader thread completes it), or one poll and then nobody (the reader thread must take over
+/// once the poller is gone).
+fn complete(req: &XferRequest, how: usize) {
+    const LIMIT: Duration = Duration::from_secs(20);
+    if req.post().unwrap() == XferStatus::Done {
+        return;
+    }
+    match how % 4 {
+        0 => {
+            req.wait(Some(LIMIT)).unwrap();
+        }
+        1 => {
+            let start = Instant::now();
+            while req.status().unwrap() != XferStatus::Done {
+                assert!(
+                    start.elapsed() < LIMIT,
+                    "status() polling never saw the end"
+                );
+                std::thread::yield_now();
+            }
+        }
+        2 => {
+            block_on(req.completion()).unwrap();
+        }
+        _ => {
+            let _ = req.status().unwrap();
+            block_on(req.completion()).unwrap();
+        }
+    }
+    assert_eq!(req.status().unwrap(), XferStatus::Done);
+}
+
+/// Threads waiting for their posts, threads polling `status()`, posts nobody drives (completed
+/// by the reader threads), and on the target a thread waiting for notifications (which serves
+/// the inbound connections itself while it spins) next to the server threads, all on the same
+/// connections at once: every request completes with the right bytes, and every notification
+/// arrives exactly once. Sizes above and below what a waiting thread serves itself.
+#[test]
+fn waiters_pollers_and_backend_threads_share_connections() {
+    for conns in ["1", "2"] {
+        share_connections(conns);
+    }
+}
+
+fn share_connections(conns: &str) {
+    const THREADS: usize = 4;
+    const ITERS: usize = 100;
+    const SLOT: usize = 1 << 20;
+    const SIZES: [usize; 4] = [64, 4096, 100 << 10, 1 << 20];
+    let a = agent_with("tcp-share-a", &[("connections", conns)]);
+    let b = agent_with("tcp-share-b", &[("connections", conns)]);
+    let dst = TestBuffer::new(THREADS * SLOT);
+    let mut srcs: Vec<TestBuffer> = (0..THREADS).map(|_| TestBuffer::new(SLOT)).collect();
+    let backs: Vec<TestBuffer> = (0..THREADS).map(|_| TestBuffer::new(SLOT)).collect();
+    // SAFETY: every buffer outlives both agents, which are dropped explicitly at the end.
+    unsafe {
+        for buf in srcs.iter().chain(&backs) {
+            a.register_mem(&buf.reg_list(), &[]).unwrap();
+        }
+        b.register_mem(&dst.reg_list(), &[]).unwrap();
+    }
+    a.load_remote_metadata(&b.local_metadata().unwrap())
+        .unwrap();
+    let peer = b.name().to_owned();
+    let got = std::thread::scope(|s| {
+        let b = &b;
+        let collector = s.spawn(move || {
+            let mut got: Vec<String> = Vec::new();
+            while got.len() < THREADS * ITERS {
+                if !b.wait_notif(Duration::from_secs(20)) {
+                    break;
+                }
+                for n in b.get_notifs(&[]).unwrap() {
+                    got.push(String::from_utf8(n.msg).unwrap());
+                }
+            }
+            got
+        });
+        let workers: Vec<_> = srcs
+            .iter_mut()
+            .zip(&backs)
+            .enumerate()
+            .map(|(t, (src, back))| {
+                let (a, peer, dst) = (&a, peer.as_str(), &dst);
+                s.spawn(move || {
+                    let mut rng = Rng::new(t as u64 + 7);
+                    for i in 0..ITERS {
+                        let len = SIZES[rng.below(SIZES.len())];
+                        let seed = (t * 10_000 + i) as u64;
+                        src.write(0, &pattern(seed, 0, len));
+                        let remote = list(vec![Desc::new(
+                            dst.addr() + (t * SLOT) as u64,
+                            len as u64,
+                            0,
+                        )]);
+                        let w = a
+                            .create_xfer_req(
+                                XferOp::Write,
+                                &list(vec![src.desc(0, len)]),
+                                &remote,
+                                peer,
+                                &XferOptions::with_notif(format!("{t}-{i}")),
+                            )
+                            .unwrap();
+                        complete(&w, i + t);
+                        let r = a
+                            .create_xfer_req(
+                                XferOp::Read,
+                                &list(vec![back.desc(0, len)]),
+                                &remote,
+                                peer,
+                                &XferOptions::default(),
+                            )
+                            .unwrap();
+                        complete(&r, i + t + 1);
+                        back.assert_range(0, &pattern(seed, 0, len), "bytes read back");
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join().unwrap();
+        }
+        collector.join().unwrap()
+    });
+    let mut got = got;
+    got.sort();
+    let mut want: Vec<String> = (0..THREADS)
+        .flat_map(|t| (0..ITERS).map(move |i| format!("{t}-{i}")))
+        .collect();
+    want.sort();
+    assert_eq!(
+        got, want,
+        "each notification exactly once ({conns} connections)"
+    );
+    drop(a);
+    drop(b);
+}
+
+/// Agent metadata like `t`'s but under another name, its TCP connection info pointing at
+/// `port` on loopback (a fake target).
+fn metadata_pointing_at(t: &Target, prefix: &str, port: u16) -> rixl::core::AgentMetadata {
+    let mut md = rixl::core::AgentMetadata::decode(&t.agent.local_metadata().unwrap()).unwrap();
+    md.agent = unique_name(prefix);
+    for c in md.conn.iter_mut().filter(|c| c.backend == "TCP") {
+        c.info = rixl_tcp::ConnInfo {
+            nonce: t.info.nonce,
+            port,
+            addrs: vec!["127.0.0.1".parse().unwrap()],
+        }
+        .encode();
+    }
+    md
+}
+
+/// A peer that dies (closes its connection without answering) while the initiator's thread is
+/// the one reading the connection (in `wait`, or polling `status()`): the thread sees the end
+/// itself, the request fails with `RemoteDisconnect`, and the peer is invalidated.
+#[test]
+fn a_peer_dying_while_a_waiting_thread_reads_is_noticed() {
+    for polling in [false, true] {
+        let fake = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = fake.local_addr().unwrap().port();
+        let dier = std::thread::spawn(move || {
+            let (mut s, _) = fake.accept().unwrap();
+            let mut hb = [0u8; HEADER_LEN];
+            s.read_exact(&mut hb).unwrap();
+            let h = Header::parse(&hb).unwrap();
+            let mut body = vec![0u8; h.len as usize];
+            s.read_exact(&mut body).unwrap();
+            s.write_all(&Header::new(Kind::HelloAck).encode()).unwrap();
+            // Take the request, let the initiator start waiting, then die without a word.
+            s.read_exact(&mut hb).unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+        });
+        let buf = TestBuffer::new(3 * 4096);
+        let t = target(&buf);
+        let md = metadata_pointing_at(&t, "tcp-dier", port);
+        let src = TestBuffer::with_pattern(64, 3);
+        let a = agent_with("tcp-ini", &[("connections", "1")]);
+        // SAFETY: `src` outlives `a`.
+        unsafe { a.register_mem(&src.reg_list(), &[]).unwrap() };
+        a.load_remote_metadata(&md.encode()).unwrap();
+        let req = a
+            .create_xfer_req(
+                XferOp::Write,
+                &list(vec![src.whole()]),
+                &list(vec![Desc::new(t.page, 64, 0)]),
+                &md.agent,
+                &XferOptions::default(),
+            )
+            .unwrap();
+        req.post().unwrap();
+        let e = if polling {
+            let start = Instant::now();
+            loop {
+                match req.status() {
+                    Ok(XferStatus::InProgress) => {
+                        assert!(start.elapsed() < Duration::from_secs(20), "no end seen");
+                        std::thread::yield_now();
+                    }
+                    Ok(s) => panic!("a write to a dead peer reported {s:?}"),
+                    Err(e) => break e,
+                }
+            }
+        } else {
+            req.wait(Some(Duration::from_secs(20))).unwrap_err()
+        };
+        assert!(
+            matches!(e.kind(), ErrorKind::RemoteDisconnect | ErrorKind::NotFound),
+            "{e}"
+        );
+        assert!(
+            eventually(Duration::from_secs(5), || !a
+                .check_remote_metadata(&md.agent, None)),
+            "the dead peer was not invalidated"
+        );
+        dier.join().unwrap();
+    }
+}
+
+/// A peer that sends part of a request and stalls cannot hold a thread of the target that
+/// waits for notifications (such threads serve the connections themselves, but only requests
+/// that have fully arrived): `wait_notif` and `get_notifs` keep returning on time, and the
+/// request is served by the connection's server thread once it is complete.
+#[test]
+fn a_stalled_peer_cannot_hold_a_notification_waiter() {
+    let mut buf = TestBuffer::new(3 * 4096);
+    buf.fill(0x22);
+    let t = target(&buf);
+    let mut s = raw_client(&t, "staller");
+    let data = pattern(9, 0, 4000);
+    let mut h = Header::new(Kind::Write);
+    h.id = 1;
+    h.token = t.token;
+    h.addr = t.page;
+    h.len = data.len() as u32;
+    s.write_all(&h.encode()).unwrap();
+    s.write_all(&data[..100]).unwrap();
+    for _ in 0..5 {
+        let start = Instant::now();
+        assert!(!t.agent.wait_notif(Duration::from_millis(50)));
+        assert!(t.agent.get_notifs(&[]).unwrap().is_empty());
+        // The frame deadline (5 s by default) would show here if the waiter had blocked.
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "a notification waiter was held by a stalled request for {:?}",
+            start.elapsed()
+        );
+    }
+    s.write_all(&data[100..]).unwrap();
+    let mut n = Header::new(Kind::Notif);
+    n.id = 2;
+    n.flags = wire::F_NOACK;
+    n.len = 5;
+    s.write_all(&n.encode()).unwrap();
+    s.write_all(b"after").unwrap();
+    assert!(t.agent.wait_notif(Duration::from_secs(10)));
+    let got = t.agent.get_notifs(&[]).unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        (got[0].from.as_str(), got[0].msg.as_slice()),
+        ("staller", &b"after"[..])
+    );
+    buf.assert_range(4096, &data, "the completed write landed");
+    let (ack, _) = read_frame(&mut s).expect("ack");
+    assert_eq!(
+        (ack.kind, ack.id),
+        (Kind::Ack, 1),
+        "standalone notifications are not acked"
     );
 }
