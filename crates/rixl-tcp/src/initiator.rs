@@ -270,11 +270,11 @@ impl Body {
             }];
             if blocking {
                 let left = self.len - self.got;
-                // Large payloads arrive in pieces: poll for them rather than pay a wake-up
-                // per piece (see `target::POLLED_PAYLOAD`).
+                // Large payloads arrive in pieces: poll for them while they flow rather than
+                // pay a wake-up per piece (see `target::POLLED_PAYLOAD`).
                 if left >= POLLED_PAYLOAD {
                     // SAFETY: as below.
-                    unsafe { sock::readv_spin(s, &mut iov, left, Some(self.until)) }?;
+                    unsafe { sock::readv_flowing(s, &mut iov, left, Some(self.until)) }?;
                 } else {
                     // SAFETY: the iovec lies inside `msg` (ours) or inside a local segment the
                     // agent validated against our registrations when the request was made;

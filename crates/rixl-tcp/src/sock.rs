@@ -190,12 +190,20 @@ pub unsafe fn readv_min(
     Ok(got)
 }
 
-/// [`readv_min`], but waiting for data by polling (yielding between looks) instead of
-/// sleeping in the kernel.
+/// How long [`readv_flowing`] polls without receiving a byte before it sleeps in the kernel.
+const FLOW_GAP: Duration = Duration::from_micros(20);
+
+/// [`readv_min`] for a payload that is streaming in: while bytes keep arriving it polls the
+/// socket (yielding between looks) instead of sleeping in the kernel between pieces, which
+/// costs a wake-up per piece; once nothing has come for [`FLOW_GAP`] (the sender stalled) it
+/// sleeps in the kernel until the next piece, and polls again from there. A yield that takes
+/// longer than that means other threads hold the cores: then it sleeps between pieces for
+/// the rest of the payload (a sleeping thread is run as soon as data wake it, a yielding one
+/// only after the others' time slices).
 ///
 /// # Safety
 /// As for [`readv_min`].
-pub unsafe fn readv_spin(
+pub unsafe fn readv_flowing(
     s: &TcpStream,
     iov: &mut [libc::iovec],
     min: usize,
@@ -203,23 +211,37 @@ pub unsafe fn readv_spin(
 ) -> io::Result<usize> {
     let mut got = 0;
     let mut start = advance(iov, 0, 0);
+    let mut last = Instant::now();
+    // Set once a yield took long: other threads want the cores, and a polling reader would
+    // only get its turn after them; sleep between pieces for the rest of the payload.
+    let mut patient = false;
     while got < min && start < iov.len() {
+        let sleep = patient || last.elapsed() >= FLOW_GAP;
         // SAFETY: forwarded from the caller; `start < len`.
-        match unsafe { recv_some(s, &mut iov[start..], true) }? {
-            Some(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-            Some(n) => {
+        let r = unsafe { recv_some(s, &mut iov[start..], !sleep) };
+        match r {
+            Ok(Some(0)) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(Some(n)) => {
                 got += n;
                 start = advance(iov, start, n);
+                last = Instant::now();
+                continue;
             }
-            None => {
-                if deadline.is_some_and(|d| Instant::now() >= d) {
-                    return Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "the peer did not send a whole frame in time",
-                    ));
-                }
-                std::thread::yield_now();
-            }
+            Ok(None) => {}
+            // A blocking read that hit the socket's receive timeout.
+            Err(e) if sleep && timed_out(&e) => {}
+            Err(e) => return Err(e),
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the peer did not send a whole frame in time",
+            ));
+        }
+        if !sleep {
+            let t = Instant::now();
+            std::thread::yield_now();
+            patient = t.elapsed() >= FLOW_GAP;
         }
     }
     Ok(got)

@@ -335,18 +335,18 @@ fn flush(shared: &Shared, c: &InConn, st: &mut Serving, waiter: bool) -> Result<
     Ok(())
 }
 
+/// The server thread receives a payload at least this large by polling the socket while the
+/// data keep coming (`sock::readv_flowing`) rather than sleeping in `readv`: the data arrive
+/// in pieces (64 KiB segments on loopback), and a sleeping reader pays a wake-up per piece, a
+/// quarter of the time the piece takes to copy on the small VMs this is built on. When the
+/// flow stops, it sleeps; the frame deadline bounds the whole frame.
+const POLLED_PAYLOAD: usize = 128 << 10;
 /// After serving, a server keeps looking for the next request this long before it sleeps: a
 /// sleeping thread costs a scheduler wake-up (~5 us on small VMs) per request, which is much
 /// of a small transfer's round trip, and back-to-back requests (an initiator's next post, the
 /// next leg of a ping-pong) usually arrive within this window. An idle connection costs
 /// nothing: the spin only follows activity, and is skipped while a thread waiting for
 /// notifications serves the connections itself.
-/// The server thread receives a payload at least this large by polling the socket (yielding
-/// between looks) rather than sleeping in `readv`: the data arrive in pieces (64 KiB segments
-/// on loopback), and a sleeping reader pays a wake-up per piece, a quarter of the time the
-/// piece takes to copy on the small VMs this is built on. It is busy for the whole frame
-/// anyway, and the frame deadline bounds the wait.
-const POLLED_PAYLOAD: usize = 128 << 10;
 const SERVER_SPIN: Duration = Duration::from_micros(50);
 /// Threads waiting for notifications serve the inbound connections themselves, and keep the
 /// servers asleep meanwhile, only up to this many connections (each costs a system call per
@@ -840,7 +840,7 @@ fn serve_frame(
                     // during the call.
                     let got = if h.len as usize >= POLLED_PAYLOAD {
                         // SAFETY: see above.
-                        unsafe { sock::readv_spin(stream, &mut iov, h.len as usize, deadline) }
+                        unsafe { sock::readv_flowing(stream, &mut iov, h.len as usize, deadline) }
                     } else {
                         // SAFETY: see above.
                         unsafe { sock::readv_min(stream, &mut iov, h.len as usize, deadline) }
