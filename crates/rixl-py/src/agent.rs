@@ -7,7 +7,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyList, PyString};
+use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 use rixl::{
     Agent, AgentConfig, CostMethod, ErrorKind, Params, PreparedList, XferOp, XferOptions,
     XferRequest, XferStatus,
@@ -254,6 +254,14 @@ impl LowAgent {
         };
         if obj.is_none() {
             return Ok(Vec::new());
+        }
+        // Lists and tuples first: a failed `extract::<i64>` builds a Python exception (about
+        // 0.3 us), which every `get_new_notifs()` polling loop used to pay for its `[]`.
+        if let Ok(list) = obj.cast::<PyList>() {
+            return list.iter().map(|o| self.backend_of(&o)).collect();
+        }
+        if let Ok(tuple) = obj.cast::<PyTuple>() {
+            return tuple.iter().map(|o| self.backend_of(&o)).collect();
         }
         if obj.is_instance_of::<PyString>() || obj.extract::<i64>().is_ok() {
             return Ok(vec![self.backend_of(obj)?]);

@@ -408,6 +408,12 @@ def test_loopback_to_self_and_send_notif(agent, bufs):
         a.send_notif("nobody", b"x")
     with pytest.raises(KeyError):
         a.send_notif(a.name, b"x", backend="SHM")
+    # Backend filters given as a list or a tuple (the list is the fast path of polling loops).
+    a.send_notif(a.name, b"by-list")
+    assert a.get_new_notifs(["LOOPBACK"]) == {a.name: [b"by-list"]}
+    a.send_notif(a.name, b"by-tuple")
+    assert a.get_new_notifs(("LOOPBACK",)) == {a.name: [b"by-tuple"]}
+    assert a.get_new_notifs([]) == {}
 
 
 def test_check_remote_xfer_done_semantics(agent):

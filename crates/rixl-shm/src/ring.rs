@@ -38,6 +38,9 @@ const HEAD_OFF: usize = 64;
 const ATTEND_OFF: usize = 128;
 const BELL_OFF: usize = 192;
 const POLLED_OFF: usize = 224;
+/// When a receiving thread last looked at the ring (`now_ns`): a sender that finds it recent
+/// knows the receiver was alive a moment ago without asking the socket (see `seen_within`).
+const SEEN_OFF: usize = 232;
 
 const KIND_MSG: u32 = 1;
 const KIND_WRAP: u32 = 2;
@@ -280,6 +283,21 @@ impl Ring {
         prev <= now
     }
 
+    /// Records that a receiving thread is looking at the ring right now (a proof of life for
+    /// the sender; one store to a line only the receiver writes).
+    pub fn note_seen(&self, now: u64) {
+        self.word64(SEEN_OFF).store(now, Ordering::Relaxed);
+    }
+
+    /// Sender side: whether a receiving thread looked at the ring within the last `ns`. A
+    /// process that was polling that recently was alive then, which is all a system call on the
+    /// socket would prove too (the peer may die right after either). The value is the peer's
+    /// word, so a lying peer only fools the sender about that peer itself.
+    pub fn seen_within(&self, ns: u64) -> bool {
+        let seen = self.word64(SEEN_OFF).load(Ordering::Relaxed);
+        now_ns().checked_sub(seen).is_some_and(|age| age < ns)
+    }
+
     /// Until when senders may skip the doorbell because of polling (0: not at all).
     pub fn polled_until(&self) -> u64 {
         self.word64(POLLED_OFF).load(Ordering::SeqCst)
@@ -373,6 +391,23 @@ impl Drop for Ring {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn receiver_looks_are_seen_by_the_sender_only_while_recent() {
+        let tx = Ring::create(4096).unwrap();
+        let rx = Ring::open(std::process::id(), tx.raw_fd(), 4096).unwrap();
+        assert!(!tx.seen_within(1_000_000_000), "never looked at");
+        rx.note_seen(now_ns());
+        assert!(tx.seen_within(1_000_000_000), "looked at just now");
+        rx.note_seen(now_ns() - 50_000_000);
+        assert!(!tx.seen_within(20_000), "looked at 50 ms ago");
+        // A peer writing a time in the future proves nothing.
+        rx.note_seen(now_ns() + 1_000_000_000);
+        assert!(
+            !tx.seen_within(1_000_000_000),
+            "a future time is not a look"
+        );
+    }
 
     #[test]
     fn records_round_trip_across_laps_and_mappings() {

@@ -503,9 +503,14 @@ impl Agent {
         // that a caller polling in a loop does not wait for a backend thread to wake up. Not
         // when something is queued already (the usual `wait_notif`, then `get_notifs`): the
         // caller gets that now, and a poll would only tell backends to expect more polls.
+        // Polls under the read lock rather than on a cloned slot list: `poll_notifs` never
+        // blocks, and a NIXL-style polling loop calls this millions of times.
         if self.inner.notifs.is_empty() {
-            for s in self.notif_slots() {
+            for s in self.inner.backends.read().iter().filter(|s| s.caps.notif) {
                 s.backend.poll_notifs();
+            }
+            if self.inner.notifs.is_empty() {
+                return Ok(Vec::new());
             }
         }
         Ok(self.inner.notifs.drain(|b| filter.allows(b)))
