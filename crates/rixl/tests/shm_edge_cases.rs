@@ -101,3 +101,70 @@ fn another_host_is_not_reachable_through_shm() {
         "{e}"
     );
 }
+
+#[test]
+fn huge_pages_parameter_is_checked_and_reported() {
+    let with = |v: &str| {
+        let mut p = rixl::Params::new();
+        p.insert("huge_pages".into(), v.into());
+        Agent::new(
+            &unique_name("shm-thp"),
+            AgentConfig::default().backend_with("SHM", p),
+        )
+    };
+    let e = with("sometimes").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidParam, "{e}");
+    assert!(e.to_string().contains("huge_pages"), "{e}");
+    let off = with("off").unwrap();
+    assert_eq!(off.backend_params("SHM").unwrap()["huge_pages"], "off");
+    let default = initiator(&TestBuffer::new(64));
+    assert_eq!(
+        default.backend_params("SHM").unwrap()["huge_pages"],
+        "collapse"
+    );
+}
+
+#[test]
+fn transfers_cross_huge_page_boundaries_of_collapsed_regions() {
+    // Registering 8 MiB collapses its aligned interior into 2 MiB pages (where the kernel
+    // can); writes and reads straddling those page boundaries must still land byte-exact.
+    const LEN: usize = 8 << 20;
+    let mut remote = TestBuffer::new(LEN);
+    remote.fill(0);
+    let target = initiator(&remote);
+    let src = TestBuffer::with_pattern(LEN, 5);
+    let a = initiator(&src);
+    a.load_remote_metadata(&target.local_metadata().unwrap())
+        .unwrap();
+    let (off, len): (usize, usize) = ((2 << 20) - 4093, (4 << 20) + 8191);
+    let w = a
+        .create_xfer_req(
+            XferOp::Write,
+            &list(vec![src.desc(off, len)]),
+            &list(vec![remote.desc(off, len)]),
+            target.name(),
+            &XferOptions::default(),
+        )
+        .unwrap();
+    w.post().unwrap();
+    w.wait(Some(Duration::from_secs(10))).unwrap();
+    remote.assert_range(off, &pattern(5, off as u64, len), "written range");
+    remote.assert_range(0, &vec![0; off], "bytes before the range");
+    let mut back = TestBuffer::new(LEN);
+    back.fill(0);
+    let b = initiator(&back);
+    b.load_remote_metadata(&target.local_metadata().unwrap())
+        .unwrap();
+    let r = b
+        .create_xfer_req(
+            XferOp::Read,
+            &list(vec![back.desc(0, len)]),
+            &list(vec![remote.desc(off, len)]),
+            target.name(),
+            &XferOptions::default(),
+        )
+        .unwrap();
+    r.post().unwrap();
+    r.wait(Some(Duration::from_secs(10))).unwrap();
+    back.assert_range(0, &pattern(5, off as u64, len), "read back");
+}
