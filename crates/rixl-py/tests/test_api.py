@@ -359,6 +359,17 @@ def test_prepped_xfer_merging_indices_and_errors(pair, bufs):
         a.make_prepped_xfer("WRITE", lp, [-1], rp, [0])
     with pytest.raises(nixl.nixlInvalidParamError):
         a.make_prepped_xfer("WRITE", rp, [0], lp, [0])  # sides swapped
+    # Lists mixing exact ints with numpy scalars and bools (read through __index__), an int
+    # beyond 64 bits, and a non-integer.
+    h3 = a.make_prepped_xfer("WRITE", lp, [0, np.int64(1), True, np.uint16(3)], rp, [4, 5, 6, 7])
+    a.transfer(h3)
+    a.wait_xfer(h3)
+    page = lambda base, i: read(base + i * 4096, 4096)  # noqa: E731
+    assert [page(dst, 4 + k) for k in range(4)] == [page(src, i) for i in (0, 1, 1, 3)]  # True is 1
+    with pytest.raises((OverflowError, nixl.nixlInvalidParamError)):
+        a.make_prepped_xfer("WRITE", lp, [2**70], rp, [0])
+    with pytest.raises(TypeError):
+        a.make_prepped_xfer("WRITE", lp, [0, "1"], rp, [0, 1])
     with pytest.raises(nixl.nixlNotFoundError):
         a.prep_xfer_dlist("nobody", [(dst, 4096, 0)], "DRAM")
     with pytest.raises(nixl.nixlNotFoundError):
