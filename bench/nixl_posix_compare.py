@@ -25,8 +25,10 @@ The measurement is the same for all of them:
   reported as IOPS. fio's equivalent is io_uring at queue depth 128 submitting and reaping 128
   at a time (`--iodepth_batch_submit=128 --iodepth_batch_complete_min=128`); plain queue depth
   128 and single-threaded psync are printed as well.
-- O_DIRECT fio rows use the queue depth RIXL and NIXL run at: min(kernel_queue_size=256,
-  blocks per pass), i.e. 256 for 1 MiB and 64 for 16 MiB blocks.
+- O_DIRECT fio rows use the queue depth RIXL runs at: min(kernel_queue_size=256, blocks per
+  pass, file_inflight_bytes=256 MiB / block), i.e. 256 for 1 MiB and 16 for 16 MiB blocks
+  (`--fio-depth` changes the budget assumed). With `--fio-deep` fio also runs at
+  min(256, blocks per pass) (256 and 64), the depth NIXL runs at.
 
 NIXL has no blocking wait: completion is polled with check_xfer_state, as NIXL programs do.
 RIXL's bench waits with `XferRequest::wait`. Every buffer is page-aligned (`--iomem_align=4096`
@@ -144,6 +146,11 @@ def main():
                     help="NIXL POSIX init param KEY=VALUE (e.g. use_uring=true)")
     ap.add_argument("--no-nixl", action="store_true")
     ap.add_argument("--fio", action="store_true", help="add fio to every round")
+    ap.add_argument("--fio-depth", type=int, default=256 << 20,
+                    help="O_DIRECT fio rows run at the queue depth RIXL uses: min(256, blocks, "
+                         "this many bytes / block); RIXL's file_inflight_bytes default")
+    ap.add_argument("--fio-deep", action="store_true",
+                    help="O_DIRECT fio rows also at depth min(256, blocks), as NIXL runs")
     args = ap.parse_args()
 
     args.modes = [m for m in args.modes.split(",") if m]
@@ -421,16 +428,23 @@ def run_fio(args, record):
         for bs_mib in args.blocks:
             bs = f"{bs_mib}M"
             if mode == "buffered":
-                label, eng = "fio-psync", ["--ioengine=psync", "--direct=0"]
+                runs = [("fio-psync", ["--ioengine=psync", "--direct=0"])]
             else:
-                qd = min(256, args.total_mib // bs_mib)
-                label = f"fio-io_uring-qd{qd}"
-                eng = ["--ioengine=io_uring", f"--iodepth={qd}", "--direct=1"]
-            fio(label, mode, "WRITE", f"{bs_mib}Mi", path,
-                ["--rw=write", f"--bs={bs}"] + eng, show=False)  # warm-up
+                blocks = args.total_mib // bs_mib
+                same = max(1, min(256, blocks, args.fio_depth // (bs_mib * MIB)))
+                depths = [same]
+                if args.fio_deep and min(256, blocks) != same:
+                    depths.append(min(256, blocks))
+                runs = [(f"fio-io_uring-qd{qd}",
+                         ["--ioengine=io_uring", f"--iodepth={qd}", "--direct=1"])
+                        for qd in depths]
+            fio(runs[0][0], mode, "WRITE", f"{bs_mib}Mi", path,
+                ["--rw=write", f"--bs={bs}"] + runs[0][1], show=False)  # warm-up
             fdatasync(path)
-            for rw, op in (("write", "WRITE"), ("read", "READ")):
-                fio(label, mode, op, f"{bs_mib}Mi", path, [f"--rw={rw}", f"--bs={bs}", loops] + eng)
+            for label, eng in runs:
+                for rw, op in (("write", "WRITE"), ("read", "READ")):
+                    fio(label, mode, op, f"{bs_mib}Mi", path,
+                        [f"--rw={rw}", f"--bs={bs}", loops] + eng)
     path = shared_path(args, "direct")
     if args.rand_posts <= 0 or not os.path.exists(path):
         return

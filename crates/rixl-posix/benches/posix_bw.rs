@@ -24,7 +24,7 @@
 //! | `RIXL_BENCH_KEEP` | `0` | `1`: keep the files at the end |
 //! | `RIXL_BENCH_TOTAL_MIB` | 1024 | bytes per pass |
 //! | `RIXL_BENCH_ITERS` | 3 | timed passes per row |
-//! | `RIXL_BENCH_ENGINES` | `auto,io_uring,threads` | `engine` parameter values to run |
+//! | `RIXL_BENCH_ENGINES` | `auto,io_uring,threads` | `engine` parameter values to run, in this order (repeats allowed, for interleaved A/B in one process); an entry may add parameters of its own: `auto/inline_max_bytes=0` |
 //! | `RIXL_BENCH_MODES` | `buffered,direct` | |
 //! | `RIXL_BENCH_BLOCKS_MIB` | `1,16` | |
 //! | `RIXL_BENCH_RAND_POSTS` | 4000 | random-read posts per row; 0 skips the random rows |
@@ -216,20 +216,27 @@ fn main() {
     );
     let buf = Aligned::new(total);
     let base = buf.addr();
-    for engine in &engines {
+    for spec in &engines {
+        // An entry may add its own parameters: `auto/inline_max_bytes=0/num_threads=1`.
+        let mut parts = spec.split('/');
+        let engine = parts.next().unwrap_or("auto").to_owned();
         let mut params = Params::new();
         params.insert("engine".into(), engine.clone());
         params.extend(extra.iter().cloned());
+        for kv in parts {
+            let (k, v) = kv.split_once('=').expect("engine entry is engine/k=v/...");
+            params.insert(k.to_owned(), v.to_owned());
+        }
         let a = Agent::new(
             &format!("bench-{engine}"),
             AgentConfig::default().backend_with("POSIX", params),
         )
         .expect("agent");
         let label = a.backend_params("POSIX").expect("params")["engine"].clone();
-        let label = if label == *engine {
+        let label = if label == *spec {
             label
         } else {
-            format!("{engine}:{label}")
+            format!("{spec}:{label}")
         };
         let dram =
             RegDescList::from_descs(MemType::Dram, vec![RegDesc::new(base, total as u64, 0)]);

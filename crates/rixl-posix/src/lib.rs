@@ -36,6 +36,9 @@
 //! own thread calls `complete` when the last operation finished, with the first error if any.
 //! Under `engine=auto`, a small post on buffered files runs in the posting thread instead and
 //! returns `Done` (or its error) — see "Engines".
+//! Overlapping writes of one post to one buffered file land in descriptor order (the last
+//! wins) under `engine=auto` and `threads`, when they are consecutive in the post; otherwise,
+//! and always under io_uring, their order is unspecified, as in NIXL.
 //! Short reads and writes are resumed where they stopped; a read that reaches the end of the
 //! file fails (`Backend`, as in NIXL) with "read of N bytes at offset X of F returned M: end of
 //! file". OS errors
@@ -49,8 +52,9 @@
 //! ## Engines
 //!
 //! - `io_uring`: one ring and one thread per backend (the `uring` module explains the design):
-//!   batched submission, `kernel_queue_size` operations in flight, registered files, the thread
-//!   blocks in `io_uring_enter` until a completion or a new post arrives.
+//!   batched submission, `kernel_queue_size` operations in flight, and at most
+//!   `file_inflight_bytes` of O_DIRECT operations in flight per file; registered files; the
+//!   thread blocks in `io_uring_enter` until a completion or a new post arrives.
 //! - `threads`: worker threads doing `pread`/`pwrite` (the `threads` module explains how they
 //!   share a post's operations).
 //! - `auto` (the default): O_DIRECT files on io_uring, buffered files on the thread pool, and
@@ -68,7 +72,12 @@
 //! - **O_DIRECT** waits for the device. What matters is the number of operations in flight
 //!   per CPU spent, which is io_uring's strength (4 KiB random reads, 128 per post, on the
 //!   project's 2-core VM: ~77k IOPS, against ~81k for fio submitting and reaping 128 at a time
-//!   and ~38k for the thread pool, whose workers have one operation each).
+//!   and ~38k for the thread pool, whose workers have one operation each). Large sequential
+//!   operations are the opposite case: a post of 64 × 16 MiB puts 1 GiB in the device's queue
+//!   at once, far more than its 128 tags hold, and everything posted after it waits behind it.
+//!   A per-file budget of bytes in flight (`file_inflight_bytes`, 256 MiB: 16 × 16 MiB or
+//!   256 × 1 MiB) bounds that without starving the device, and never limits small random
+//!   reads (the `uring` module has the measurements).
 //! - **Buffered** I/O is a CPU copy between the buffer and the page cache, done by whichever
 //!   thread issues the call. io_uring adds work here and no parallelism where it would count:
 //!   a buffered write on ext4 cannot be issued without blocking, so io_uring hands every one to
@@ -78,7 +87,11 @@
 //!   (or by io-wq workers when punted). The thread pool lets one worker write a file's run of
 //!   operations in order (the fastest the kernel allows: one copying core), and spreads
 //!   cached reads over all cores (on 2 cores ~1.3x one core). See the comparison with NIXL
-//!   in `bench/nixl_posix_compare.py`.
+//!   in `bench/nixl_posix_compare.py`. One copying core is the ceiling for buffered writes to
+//!   one file, whoever issues them: a C loop of 1 MiB `pwrite`s, one `pwritev` of 1024 iovecs
+//!   per GiB, ascending or descending offsets, inline in the posting thread or on a worker
+//!   all measured the same here (8.5–10 GB/s, within the VM's run-to-run noise), so the pool
+//!   issues one plain `pwrite` per chunk.
 //! - **Small buffered posts** cost more to hand over than to copy: a 4 KiB read is ~1 µs of
 //!   copying against ~6 µs (thread pool) or ~8 µs (io_uring) from post to completion, mostly
 //!   a thread wake-up on each side. Up to `inline_max_bytes` (512 KiB: where the pool's
@@ -107,6 +120,7 @@
 //! | `num_threads` (0 = auto: 2 per core, 4–32) | Workers of the thread-pool engine. |
 //! | `max_io_size` (16 MiB) | Largest single read or write; larger segments are split. |
 //! | `inline_max_bytes` (524288) | `engine=auto`: buffered posts of at most this many bytes, and at most one operation per 4 KiB of it (128), start in the posting thread; 0 turns that off. |
+//! | `file_inflight_bytes` (268435456) | io_uring: most bytes of O_DIRECT operations in flight per registered file (one operation always may start, so a larger one still runs); 0 = no limit. Other files' posts go ahead while one file is at its budget. |
 //!
 //! `params()` adds `engine_direct`, `engine_buffered` and, after a fallback,
 //! `engine_fallback_reason`; these are accepted back (and ignored) so that a backend's
@@ -203,16 +217,17 @@ impl Posix {
                     ("threads", t.clone(), t, 0)
                 }
                 EngineChoice::Uring => {
-                    let u: Arc<dyn Engine> =
-                        Arc::new(uring::Uring::new(cfg.queue_depth).map_err(|e| {
+                    let u: Arc<dyn Engine> = Arc::new(
+                        uring::Uring::new(cfg.queue_depth, cfg.file_inflight).map_err(|e| {
                             Error::backend(format!(
                                 "POSIX: io_uring was requested but cannot be used: {}",
                                 e.message()
                             ))
-                        })?);
+                        })?,
+                    );
                     ("io_uring", u.clone(), u, 0)
                 }
-                EngineChoice::Auto => match uring::Uring::new(cfg.queue_depth) {
+                EngineChoice::Auto => match uring::Uring::new(cfg.queue_depth, cfg.file_inflight) {
                     Ok(u) => (AUTO_LABEL, Arc::new(u), threads(&cfg)?, cfg.inline_max),
                     Err(e) => {
                         tracing::warn!(

@@ -13,6 +13,7 @@ pub(crate) const DEFAULTS: &[(&str, &str)] = &[
     ("num_threads", "0"),
     ("max_io_size", "16777216"),
     ("inline_max_bytes", "524288"),
+    ("file_inflight_bytes", "268435456"),
 ];
 
 /// Keys `params()` reports but that configure nothing; accepted back so that a backend's
@@ -45,6 +46,9 @@ pub(crate) struct Config {
     pub max_io: u32,
     /// `engine=auto`: buffered posts of at most this many bytes start in the posting thread.
     pub inline_max: u64,
+    /// io_uring: most bytes of O_DIRECT operations in flight per file (one operation always
+    /// may go); `u64::MAX` for no limit.
+    pub file_inflight: u64,
 }
 
 /// Largest ring NIXL's `kernel_queue_size` may ask for (the kernel's own limit).
@@ -169,7 +173,17 @@ impl Config {
             )));
         }
         let inline_max = parse_num("inline_max_bytes", get("inline_max_bytes"), 0, 1 << 30)?;
+        let file_inflight = match parse_num(
+            "file_inflight_bytes",
+            get("file_inflight_bytes"),
+            0,
+            1 << 40,
+        )? {
+            0 => u64::MAX,
+            n => n,
+        };
         Ok(Config {
+            file_inflight,
             choice,
             queue_depth,
             ios_pool_size,
@@ -200,6 +214,11 @@ mod tests {
         assert_eq!(c.ios_pool_size, 65536);
         assert_eq!(c.max_io, 16 << 20);
         assert_eq!(c.inline_max, 512 << 10);
+        assert_eq!(c.file_inflight, 256 << 20);
+        assert_eq!(
+            cfg(&[("file_inflight_bytes", "0")]).unwrap().file_inflight,
+            u64::MAX
+        );
         assert!(c.threads >= 4);
     }
 
@@ -246,6 +265,8 @@ mod tests {
             &[("max_io_size", "5000")],
             &[("inline_max_bytes", "-1")],
             &[("inline_max_bytes", "2147483648")],
+            &[("file_inflight_bytes", "-1")],
+            &[("file_inflight_bytes", "2199023255553")],
             &[("use_uring", "maybe")],
             &[("no_such_knob", "1")],
         ] {

@@ -6,7 +6,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 
 use rixl_core::{Error, ErrorKind, MemType, Params, Result};
@@ -57,6 +57,12 @@ pub(crate) struct Region {
     /// Cleared once a `RWF_NOWAIT` read of this file was refused as unsupported, so inline
     /// reads stop trying it (see `Plan::run_inline`).
     pub nowait: AtomicBool,
+    /// Bytes of O_DIRECT operations on this file in flight on the io_uring engine. Only the
+    /// ring thread reads and updates it (see `uring`'s per-file limit).
+    pub ring_bytes: AtomicU64,
+    /// The most `ring_bytes` has been (tests check the per-file budget with it).
+    #[cfg(test)]
+    pub ring_peak: AtomicU64,
     /// O_DIRECT alignment; only checked when `direct`.
     pub align: DioAlign,
     /// How messages name the file: its path, or `fd N (path)`.
@@ -215,6 +221,9 @@ impl Region {
             direct: m.direct,
             sync: m.sync,
             nowait: AtomicBool::new(true),
+            ring_bytes: AtomicU64::new(0),
+            #[cfg(test)]
+            ring_peak: AtomicU64::new(0),
             align: if m.direct { dio_align(fd) } else { NO_ALIGN },
             label,
             mem,
@@ -271,6 +280,9 @@ impl Region {
             // O_SYNC is __O_SYNC | O_DSYNC: the O_DSYNC bit is set for both.
             sync: fl & libc::O_DSYNC != 0,
             nowait: AtomicBool::new(true),
+            ring_bytes: AtomicU64::new(0),
+            #[cfg(test)]
+            ring_peak: AtomicU64::new(0),
             align: if direct { dio_align(fd) } else { NO_ALIGN },
             label,
             mem,

@@ -14,7 +14,9 @@
 //! - Buffered writes (not O_SYNC) to one file: the whole run of consecutive chunks on that
 //!   file. Linux file systems hold the inode lock for the whole copy of a buffered write, so
 //!   several workers on one file only queue on that lock (measured on ext4 with 4 workers:
-//!   1 MiB blocks 5.4-7 GB/s against 8-9.6 GB/s for one thread); one worker writing them in
+//!   1 MiB blocks 5.4-7 GB/s against 8-9.6 GB/s for one thread; a later C test, median of 8
+//!   interleaved passes on a quiet VM: 1, 2, 4 writer threads 9.8, 9.3, 9.1 GB/s with 16 MiB
+//!   and 9.3, 9.0, 8.8 with 1 MiB writes); one worker writing them in
 //!   order runs at the speed of one copying core, which is the most the kernel allows.
 //! - Other buffered chunks (reads, O_SYNC writes) are CPU copies that do scale across cores:
 //!   claims of about a quarter of the post's share per woken worker (64 KiB to 4 MiB), which
