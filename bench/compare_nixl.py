@@ -20,8 +20,9 @@ How each library runs (its best local configuration):
 - RIXL: `nixl_agent(name)` with no configuration, i.e. RIXL's DRAM backends; SHM carries the
   transfers between the two processes (process_vm_readv/writev). Its backends make progress on
   their own threads, so its target sleeps on its pipe, except in the notification cases, where it
-  polls `get_new_notifs` to answer (RIXL's Python API has no blocking wait for notifications; the
-  Rust API does, and `rixl-bench --latency` uses it).
+  polls `get_new_notifs` to answer, as NIXL's does. With `--rixl_blocking` RIXL's target and
+  initiator wait with `wait_new_notifs` (RIXL's blocking wait, no CPU burnt while nothing
+  arrives) instead, which is how a RIXL program would wait.
 - NIXL 1.5.1: UCX backend with `ucx_error_handling_mode=none` and no progress thread
   (`enable_prog_thread=False`), the fastest of its local settings on this machine. Without a
   progress thread NIXL needs its target to call in for notifications: its target polls
@@ -153,14 +154,16 @@ def target(lib, buf_bytes):
         if mode == "IDLE":
             cmd = lines.get()
         else:
-            notifs = agent.get_new_notifs()
+            notifs = new_notifs(agent, 0.01)
             if mode == "ANSWER":
                 for peer, msgs in notifs.items():
                     for m in msgs:
                         agent.send_notif(peer, m)
             polls += 1
-            # Looking at the pipe costs a system call: every 64 polls is often enough.
-            cmd = lines.get(block=False) if polls % 64 == 0 else None
+            # Looking at the pipe costs a system call: every 64 polls is often enough (and
+            # after every idle wait of a blocking target).
+            look = polls % 64 == 0 or (BLOCKING[0] and not notifs)
+            cmd = lines.get(block=False) if look else None
             if cmd is None:
                 continue
         word, _, rest = cmd.partition(" ")
@@ -197,14 +200,25 @@ def complete(agent, h):
             raise Timeout("transfer did not complete")
 
 
+# `--rixl_blocking`: RIXL workers wait for notifications with `wait_new_notifs`.
+BLOCKING = [False]
+
+
+def new_notifs(agent, timeout):
+    """What arrived: polled (NIXL's way), or waited for up to `timeout` s with --rixl_blocking."""
+    if BLOCKING[0]:
+        return agent.wait_new_notifs(timeout)
+    return agent.get_new_notifs()
+
+
 def wait_answer(agent, peer):
     n = 0
     while True:
-        got = agent.get_new_notifs()
+        got = new_notifs(agent, 0.1)
         if got.get(peer):
             return
         n += 1
-        if n % 10000 == 0 and time.monotonic() > DEADLINE[0]:
+        if (BLOCKING[0] or n % 10000 == 0) and time.monotonic() > DEADLINE[0]:
             raise Timeout("no answer from the target")
 
 
@@ -342,7 +356,7 @@ def initiator(lib, buf_bytes):
 class Worker:
     def __init__(self, lib, role, args):
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", lib, role,
-               "--buffer_mib", str(args.buffer_mib)]
+               "--buffer_mib", str(args.buffer_mib)] + (["--rixl_blocking"] if args.rixl_blocking else [])
         self.name = "%s %s" % (lib, role)
         self.verbose = args.verbose
         self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -453,10 +467,13 @@ def main():
                    help="NIXL's target polls during bandwidth and KV cases too")
     p.add_argument("--libs", default="rixl,nixl", help=argparse.SUPPRESS)
     p.add_argument("--verbose", action="store_true", help="show the workers' other output")
+    p.add_argument("--rixl_blocking", action="store_true",
+                   help="RIXL waits for notifications with wait_new_notifs instead of polling")
     args = p.parse_args()
     buf_bytes = args.buffer_mib * MIB
     if args.worker:
         lib, role = args.worker
+        BLOCKING[0] = args.rixl_blocking and lib == "rixl"
         (target if role == "target" else initiator)(lib, buf_bytes)
         return
 
@@ -563,8 +580,10 @@ def main():
 
     print("RIXL vs NIXL 1.5.1 (UCX, no progress thread, ucx_error_handling_mode=none), Python API, "
           "2 processes per library,\nmedian of %d interleaved round(s); load average before %.2f %.2f %.2f, "
-          "after %.2f %.2f %.2f; %.0f s"
-          % (args.rounds, *load_before, *load_after, elapsed))
+          "after %.2f %.2f %.2f; %.0f s%s"
+          % (args.rounds, *load_before, *load_after, elapsed,
+             "\nRIXL waits for notifications with wait_new_notifs (--rixl_blocking); NIXL polls"
+             if args.rixl_blocking else ""))
     head = "%-40s %-5s %12s %12s %10s  %s" % ("case", "unit", "RIXL", "NIXL", "RIXL/NIXL", "RIXL")
     print(head)
     print("-" * len(head))

@@ -721,6 +721,30 @@ impl LowAgent {
         Ok(SUCCESS)
     }
 
+    /// Blocks until a notification is available (from any backend) or `timeout` seconds pass
+    /// (None: no limit), without polling: returns whether one is. The GIL is released, and
+    /// the wait is sliced so that Ctrl-C and other signals are seen within 50 ms.
+    #[pyo3(signature = (timeout = None))]
+    fn waitNotif(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
+        const SLICE: std::time::Duration = std::time::Duration::from_millis(50);
+        let deadline = timeout
+            .map(|s| std::time::Instant::now() + std::time::Duration::from_secs_f64(s.max(0.0)));
+        let a = &self.agent;
+        loop {
+            let left = deadline.map_or(SLICE, |d| {
+                d.saturating_duration_since(std::time::Instant::now())
+                    .min(SLICE)
+            });
+            if py.detach(|| a.wait_notif(left)) {
+                return Ok(true);
+            }
+            if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                return Ok(false);
+            }
+            py.check_signals()?;
+        }
+    }
+
     /// Drains new notifications into `notifs` (a dict name → list of bytes, created if None)
     /// and returns it.
     #[pyo3(signature = (notifs = None, backends = None))]

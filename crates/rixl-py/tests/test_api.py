@@ -3,6 +3,7 @@
 import pickle
 import sys
 import threading
+import time
 
 import pytest
 
@@ -689,3 +690,21 @@ def test_logger_env(monkeypatch):
     monkeypatch.setenv("NIXL_LOG_LEVEL", "WARN")
     lg = nixl.get_logger(uniq("lg"))
     assert lg.level == logging.WARNING
+
+
+def test_wait_new_notifs_sleeps_until_a_notification(pair, bufs):
+    a, b, _, _ = setup_pair(pair, bufs)
+    t0 = time.monotonic()
+    assert b.wait_new_notifs(0.05) == {}
+    assert time.monotonic() - t0 >= 0.045, "returned before the timeout with nothing to deliver"
+    sender = threading.Timer(0.1, lambda: a.send_notif(b.name, b"late"))
+    sender.start()
+    t0 = time.monotonic()
+    got = b.wait_new_notifs(10)
+    sender.join()
+    assert got == {a.name: [b"late"]}
+    assert time.monotonic() - t0 < 5, "the notification did not wake the waiter"
+    a.send_notif(b.name, b"queued")
+    assert b.wait_new_notifs() == {a.name: [b"queued"]}, "an already queued one returns at once"
+    with pytest.raises(KeyError):
+        b.wait_new_notifs(0, backends=["NOPE"])

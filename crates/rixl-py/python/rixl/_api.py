@@ -584,6 +584,16 @@ class nixl_agent:
         ``self.notifs``)."""
         return self.agent.getNotifs({}, self._names(backends))
 
+    def wait_new_notifs(self, timeout=None, backends=[]):  # noqa: B006
+        """RIXL extension: sleeps until a notification arrives or ``timeout`` seconds pass
+        (``None``: no limit), then drains like :meth:`get_new_notifs` (``{}`` on timeout).
+
+        Unlike a ``get_new_notifs()`` loop it burns no CPU while nothing arrives, and it
+        wakes within microseconds when something does. It wakes for any backend's
+        notification, so with ``backends`` set it may return ``{}`` before the timeout."""
+        self.agent.waitNotif(timeout)
+        return self.agent.getNotifs({}, self._names(backends))
+
     def update_notifs(self, backends=[]):  # noqa: B006
         """Appends new notifications to ``self.notifs`` and returns it."""
         self.notifs = self.agent.getNotifs(self.notifs, self._names(backends))
