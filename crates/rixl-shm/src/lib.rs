@@ -26,9 +26,9 @@
 //! the target does not re-check what a same-host initiator writes; the socket only accepts peers
 //! of the same user (or root), checked with `SO_PEERCRED`.
 //!
-//! Registration asks the kernel to back large DRAM regions with transparent huge pages
-//! (`thp`): the peer's `process_vm_*` calls pin this process's pages one by one, and on 4 KiB
-//! pages that doubles the cost of a 1 MiB copy.
+//! Registration asks the kernel, from a background thread, to back large DRAM regions with
+//! transparent huge pages (`thp`): the peer's `process_vm_*` calls pin this process's pages one
+//! by one, and on 4 KiB pages that doubles the cost of a 1 MiB copy.
 
 mod cma;
 mod host;
@@ -956,15 +956,7 @@ impl Backend for Shm {
             )));
         }
         if self.collapse {
-            let (addr, len) = (desc.desc.addr, desc.desc.len);
-            match thp::collapse(addr, len) {
-                Ok(0) => {}
-                Ok(n) => tracing::debug!("SHM: {n} bytes at {addr:#x} now on huge pages"),
-                Err(e) => tracing::debug!(
-                    "SHM: huge pages for {len} bytes at {addr:#x} refused ({e}); transfers \
-                     into this region pin 4 KiB pages"
-                ),
-            }
+            thp::collapse_later(desc.desc.addr, desc.desc.len);
         }
         Ok(LocalRegion {
             token: self.next_token.fetch_add(1, Ordering::Relaxed),
