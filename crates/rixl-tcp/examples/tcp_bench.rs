@@ -237,6 +237,27 @@ fn target() -> rixl::Result<()> {
     Ok(())
 }
 
+/// CPU time (ns, all threads, exact: from the scheduler's accounting) of process `pid`.
+fn cpu_ns(pid: u32) -> u64 {
+    let mut total = 0;
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            let st = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
+            total += st
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    total
+}
+
+/// CPU ns of both processes (tasks that ended meanwhile are not counted).
+fn cpu_both(pids: &[u32]) -> u64 {
+    pids.iter().map(|p| cpu_ns(*p)).sum()
+}
+
 fn measure(req: &rixl::XferRequest, secs: f64) -> rixl::Result<f64> {
     for _ in 0..3 {
         req.post()?;
@@ -489,16 +510,29 @@ fn initiator() -> rixl::Result<()> {
                         (many(lbase, block, false), many(rbase, block, true))
                     };
                     let req = agent.create_xfer_req(op, &l, &r, &peer, &XferOptions::default())?;
+                    let pids = [std::process::id(), child.0.id()];
+                    let c0 = cpu_both(&pids);
+                    let t0 = Instant::now();
                     let bw = measure(&req, secs)?;
+                    // CPU seconds (both processes) per second of transfer: how much of the
+                    // 2 cores the transfer used, and ns of CPU per KiB moved.
+                    let (cpu, el) = ((cpu_both(&pids) - c0) as f64, t0.elapsed().as_secs_f64());
+                    let c1 = cpu_both(&pids);
+                    let t1 = Instant::now();
                     let rbw = raw_measure(&mut raw, op, &mut rawbuf, block, count, secs);
+                    let (rcpu, rel) = ((cpu_both(&pids) - c1) as f64, t1.elapsed().as_secs_f64());
                     println!(
-                        "{:<6} {:>5} {:>9} {:>10.2} {:>14.2} {:>7.2}",
+                        "{:<6} {:>5} {:>9} {:>10.2} {:>14.2} {:>7.2}   cores {:.2}/{:.2}, CPU ns/KiB {:.0}/{:.0}",
                         op.name(),
                         count,
                         block,
                         bw / 1e9,
                         rbw / 1e9,
-                        bw / rbw
+                        bw / rbw,
+                        cpu / 1e9 / el,
+                        rcpu / 1e9 / rel,
+                        cpu / (bw * el / 1024.0),
+                        rcpu / (rbw * rel / 1024.0),
                     );
                 }
             }

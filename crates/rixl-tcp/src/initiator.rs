@@ -11,8 +11,8 @@
 //! back-to-back posts find the target's server still spinning), written by the posting thread
 //! (one `writev` for many frames), with the notification right behind the data on the same
 //! ordered stream. Large posts are cut into chunks dealt round-robin to every connection;
-//! shares that put little on the wire are written by the posting thread, large ones by
-//! per-connection sender threads. Their notification names the post and the number of parts,
+//! the posting thread writes the first share (and shares that put little on the wire), and
+//! per-connection sender threads write the other large shares at the same time. Their notification names the post and the number of parts,
 //! and the target delivers it once every part has been served (see `target::Session`).
 //! Standalone notifications are not acknowledged ([`wire::F_NOACK`]).
 //!
@@ -60,8 +60,13 @@ use crate::{Shared, NAME};
 const BATCH: usize = 128;
 /// Striped transfers are not cut into pieces smaller than this (unless `chunk_bytes` is).
 const MIN_STRIPE_CHUNK: u64 = 64 << 10;
-/// A striped post's share of at most this many bytes is written by the posting thread itself.
-const INLINE_SHARE: u64 = 1 << 20;
+/// A striped post's share of at most this many bytes is written by the posting thread itself
+/// (READ requests; a WRITE share of this size is not worth a sender thread's wake-up).
+const INLINE_SHARE: u64 = 64 << 10;
+/// The posting thread writes a striped post's first share itself up to this many bytes (about
+/// what the socket buffers absorb at once, so `post` returns within a few milliseconds); a
+/// larger first share goes to its sender thread like the others.
+const FIRST_SHARE_MAX: u64 = 8 << 20;
 /// How long a `status()` poll keeps the reader thread from being woken by data: the caller is
 /// expected to poll again well within this.
 const STATUS_LEASE: Duration = Duration::from_micros(500);
@@ -1148,10 +1153,13 @@ impl BackendXfer for TcpXfer {
         let spec = |k: usize, notif: &Option<Arc<[u8]>>| -> Option<(Arc<[u8]>, u64)> {
             notif.clone().filter(|_| k == 0).map(|m| (m, frames))
         };
-        // Shares that put little on the wire (READ requests, small writes) are sent by this
-        // thread, after the large ones were handed to their connections' sender threads: a
-        // hand-off costs a thread wake-up, which is more than writing a few hundred KiB.
-        let inline = |k: usize| x.sends[k] <= INLINE_SHARE;
+        // The posting thread writes the first share itself (it would only wait otherwise, and
+        // a hand-off costs a thread wake-up), unless that would hold `post` for long, and any
+        // share that puts little on the wire (READ requests): those are written after the
+        // large ones were handed to their connections' sender threads, so that the shares go
+        // out in parallel.
+        let inline =
+            |k: usize| (k == 0 && x.sends[0] <= FIRST_SHARE_MAX) || x.sends[k] <= INLINE_SHARE;
         for (k, conn) in set.conns.iter().enumerate().take(x.lists.len()) {
             if inline(k) {
                 continue;

@@ -14,8 +14,8 @@
 //! notification right behind the data on the same ordered stream, so the target delivers it
 //! only once the data has landed. Posts larger than `stripe_min_bytes` are cut into pieces of
 //! at most `chunk_bytes` (smaller when that gives every connection a share) dealt round-robin
-//! to every connection; large shares are written by per-connection sender threads, small ones
-//! by the posting thread. Their notification carries the number of parts, and the target
+//! to every connection; the posting thread writes the first share (up to 8 MiB) and any share
+//! that puts little on the wire, per-connection sender threads write the others in parallel. Their notification carries the number of parts, and the target
 //! delivers it when all of them were served. Frames are built once at `prepare_xfer`; a post
 //! allocates only its small completion state.
 //!
