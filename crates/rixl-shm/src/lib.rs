@@ -630,7 +630,7 @@ fn poll_inbound(shared: &Shared) {
             Some(r) => {
                 r.note_seen(now);
                 if !attended
-                    && r.note_polled(POLL_WINDOW_NS)
+                    && r.note_polled(now, POLL_WINDOW_NS)
                     && inbound.untimed.load(Ordering::SeqCst)
                 {
                     poke(inbound);

@@ -272,11 +272,10 @@ impl Ring {
         fence(Ordering::SeqCst);
     }
 
-    /// A thread polled the ring without blocking and will probably poll again soon: senders
-    /// may skip the doorbell until `window_ns` from now. Returns true if the previous window
-    /// had expired (then the reader thread must learn the new deadline).
-    pub fn note_polled(&self, window_ns: u64) -> bool {
-        let now = now_ns();
+    /// A thread polled the ring without blocking at `now` (`now_ns`) and will probably poll
+    /// again soon: senders may skip the doorbell until `window_ns` later. Returns true if the
+    /// previous window had expired (then the reader thread must learn the new deadline).
+    pub fn note_polled(&self, now: u64, window_ns: u64) -> bool {
         let prev = self
             .word64(POLLED_OFF)
             .swap(now + window_ns, Ordering::SeqCst);
@@ -438,8 +437,14 @@ mod tests {
             }
         }
         rx.clear_bell();
-        assert!(rx.note_polled(10_000_000_000), "no window was open");
-        assert!(!rx.note_polled(10_000_000_000), "the window was open");
+        assert!(
+            rx.note_polled(now_ns(), 10_000_000_000),
+            "no window was open"
+        );
+        assert!(
+            !rx.note_polled(now_ns(), 10_000_000_000),
+            "the window was open"
+        );
         assert!(
             !tx.push(Some(b"p")).unwrap(),
             "polled recently: no doorbell"

@@ -124,10 +124,26 @@ fn huge_pages_parameter_is_checked_and_reported() {
     );
 }
 
+/// Posts one `op` of `local` ↔ `remote` from `a` to `target` and waits for it.
+fn move_one(a: &Agent, op: XferOp, local: rixl::Desc, remote: rixl::Desc, target: &Agent) {
+    let r = a
+        .create_xfer_req(
+            op,
+            &list(vec![local]),
+            &list(vec![remote]),
+            target.name(),
+            &XferOptions::default(),
+        )
+        .unwrap();
+    r.post().unwrap();
+    r.wait(Some(Duration::from_secs(10))).unwrap();
+}
+
 #[test]
 fn transfers_cross_huge_page_boundaries_of_collapsed_regions() {
-    // Registering 8 MiB collapses its aligned interior into 2 MiB pages (where the kernel
-    // can); writes and reads straddling those page boundaries must still land byte-exact.
+    // Registering 8 MiB queues its aligned interior for collapsing into 2 MiB pages (where the
+    // kernel can), in the background and so possibly while these transfers run: writes and
+    // reads straddling those page boundaries must land byte-exact either way.
     const LEN: usize = 8 << 20;
     let mut remote = TestBuffer::new(LEN);
     remote.fill(0);
@@ -137,17 +153,13 @@ fn transfers_cross_huge_page_boundaries_of_collapsed_regions() {
     a.load_remote_metadata(&target.local_metadata().unwrap())
         .unwrap();
     let (off, len): (usize, usize) = ((2 << 20) - 4093, (4 << 20) + 8191);
-    let w = a
-        .create_xfer_req(
-            XferOp::Write,
-            &list(vec![src.desc(off, len)]),
-            &list(vec![remote.desc(off, len)]),
-            target.name(),
-            &XferOptions::default(),
-        )
-        .unwrap();
-    w.post().unwrap();
-    w.wait(Some(Duration::from_secs(10))).unwrap();
+    move_one(
+        &a,
+        XferOp::Write,
+        src.desc(off, len),
+        remote.desc(off, len),
+        &target,
+    );
     remote.assert_range(off, &pattern(5, off as u64, len), "written range");
     remote.assert_range(0, &vec![0; off], "bytes before the range");
     let mut back = TestBuffer::new(LEN);
@@ -155,16 +167,12 @@ fn transfers_cross_huge_page_boundaries_of_collapsed_regions() {
     let b = initiator(&back);
     b.load_remote_metadata(&target.local_metadata().unwrap())
         .unwrap();
-    let r = b
-        .create_xfer_req(
-            XferOp::Read,
-            &list(vec![back.desc(0, len)]),
-            &list(vec![remote.desc(off, len)]),
-            target.name(),
-            &XferOptions::default(),
-        )
-        .unwrap();
-    r.post().unwrap();
-    r.wait(Some(Duration::from_secs(10))).unwrap();
+    move_one(
+        &b,
+        XferOp::Read,
+        back.desc(0, len),
+        remote.desc(off, len),
+        &target,
+    );
     back.assert_range(0, &pattern(5, off as u64, len), "read back");
 }
