@@ -1054,14 +1054,11 @@ pub fn open(cfg: &Config) -> Result<Session, String> {
                         .fetch_remote_metadata_blocking(&name, addr, Duration::from_secs(30))
                         .map_err(|e| format!("fetching the target's metadata from {addr}: {e}"))?;
                     // The target needs ours too for notifications on some backends (and to
-                    // answer them in latency mode).
+                    // answer them in latency mode). The listener acknowledges a push only once
+                    // the metadata is loaded, so the target knows us when this returns.
                     agent
                         .send_local_metadata_blocking(addr, Duration::from_secs(30))
                         .map_err(|e| format!("sending metadata to the target at {addr}: {e}"))?;
-                    let known = targets[k].ask(&format!("KNOWS {}", agent.name()))?;
-                    if known != "OK" {
-                        return Err(format!("the target at {addr} answered {known:?}"));
-                    }
                     let regions = agent
                         .remote_regions(&peer, MemType::Dram)
                         .map_err(|e| format!("the target's regions: {e}"))?;

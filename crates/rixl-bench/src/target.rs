@@ -14,7 +14,6 @@
 //! - `FILL <block> <batch>`: every slot's descriptors and holes become 0xaa → `OK`
 //! - `VERIFY <block> <batch> <byte>`: do the descriptors hold `byte` and the holes still 0xaa?
 //!   → `OK` or `BAD <offset> <value>`
-//! - `KNOWS <agent>`: wait (at most 10 s) until the initiator's pushed metadata is loaded → `OK`
 //! - `DONE <expected>`: wait (at most 10 s) for that many notifications → `NOTIFS <count>`, exit
 //!
 //! The initiator sends FILL and VERIFY only between rows, when no transfer is in flight, which is
@@ -119,7 +118,7 @@ pub fn serve(cfg: &Config, control: Control) -> Result<(), String> {
     let stop = AtomicBool::new(false);
     let result = std::thread::scope(|s| {
         s.spawn(|| answer_notifs(&agent, cfg, &stop, &count));
-        let r = commands(cfg, &agent, &mut buf, &count, input, &mut out);
+        let r = commands(cfg, &mut buf, &count, input, &mut out);
         stop.store(true, Ordering::Release);
         r
     });
@@ -164,7 +163,6 @@ fn say(out: &mut dyn Write, s: &str) -> Result<(), String> {
 
 fn commands(
     cfg: &Config,
-    agent: &Agent,
     buf: &mut Buffer,
     count: &AtomicU64,
     input: Box<dyn BufRead + '_>,
@@ -216,22 +214,6 @@ fn commands(
                 match lay.mismatch(buf.bytes(), cfg.target_slots(), byte, 0xaa) {
                     None => say(out, "OK")?,
                     Some((off, v)) => say(out, &format!("BAD {off} {v}"))?,
-                }
-            }
-            Some("KNOWS") => {
-                // The listener loads pushed metadata on its own thread, after the push returned
-                // on the initiator: wait until it did, so that answers can be sent.
-                let name = words.get(1).copied().unwrap_or("");
-                let t = Instant::now();
-                while agent.remote_generation(name).is_none()
-                    && t.elapsed() < Duration::from_secs(10)
-                {
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                if agent.remote_generation(name).is_some() {
-                    say(out, "OK")?;
-                } else {
-                    say(out, &format!("ERR no metadata of {name:?} arrived"))?;
                 }
             }
             Some("DONE") => {
