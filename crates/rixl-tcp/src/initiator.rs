@@ -200,6 +200,8 @@ struct Conn {
     /// Who reads this connection besides the reader thread. While anyone does, arriving data
     /// do not wake the reader thread (only hang-up and errors do).
     watch: Mutex<Watch>,
+    /// `tcpi_bytes_acked` when [`overdue`] last found the connection idle.
+    acked_seen: AtomicU64,
     /// Until when (`monotonic_nanos`) a thread polling `status()` counts as reading the
     /// connection (see [`Watch::leased`]).
     lease_until: AtomicU64,
@@ -544,6 +546,7 @@ fn conns(shared: &Arc<Shared>, peer: &Arc<Peer>) -> Result<Arc<ConnSet>> {
                 ..Watch::default()
             }),
             lease_until: AtomicU64::new(0),
+            acked_seen: AtomicU64::new(0),
         });
         let (s2, p2, c2) = (shared.clone(), peer.clone(), conn.clone());
         let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
@@ -677,8 +680,9 @@ fn reader(shared: &Arc<Shared>, peer: &Arc<Peer>, conn: &Arc<Conn>) {
 }
 
 /// Whether the connection is stuck: a payload not complete by its deadline, or requests
-/// outstanding and no byte received for a whole `deadline`. Otherwise, how long the reader
-/// thread may sleep before looking again.
+/// outstanding and no byte received from the peer, nor acknowledged by its kernel, for a whole
+/// `deadline` (a WRITE whose upload outlasts the deadline is answered only at its end).
+/// Otherwise, how long the reader thread may sleep before looking again.
 fn overdue(shared: &Shared, peer: &Peer, conn: &Conn, rx: &Rx) -> Result<Duration> {
     let now = Instant::now();
     if let Some(b) = &rx.body {
@@ -690,12 +694,22 @@ fn overdue(shared: &Shared, peer: &Peer, conn: &Conn, rx: &Rx) -> Result<Duratio
             ))),
         };
     }
-    let f = conn.fifo.lock();
+    let mut f = conn.fifo.lock();
     if f.q.is_empty() {
         return Ok(shared.deadline);
     }
     let idle = now.saturating_duration_since(f.progress);
     if idle >= shared.deadline {
+        // Bytes of ours the peer's kernel acknowledged since the last look are progress too:
+        // a slow link keeps draining megabytes of socket buffer after the last write, and the
+        // answer comes only at the end. (The first look may count acknowledgements older than
+        // the silence, so a frozen peer gets one more deadline at most.)
+        if let Some(acked) = sock::bytes_acked(&conn.stream) {
+            if acked > conn.acked_seen.swap(acked, Ordering::Relaxed) {
+                f.progress = now;
+                return Ok(shared.deadline);
+            }
+        }
         return Err(Error::timeout(format!(
             "agent {:?} did not answer within {:?}",
             peer.name, shared.deadline

@@ -35,9 +35,10 @@
 //! Liveness: a killed peer's sockets are closed by its kernel, so the reader thread blocked on
 //! the connection sees end-of-stream at once and the agent invalidates the peer. A partitioned
 //! or frozen peer is caught by TCP keepalive (`keepalive_secs` idle, then 3 probes 1 s apart),
-//! `TCP_USER_TIMEOUT` and a response deadline (`deadline_ms`: requests outstanding and no
-//! byte received for that long fails the connection with `Timeout`). Every blocking socket call
-//! has a timeout, so nothing waits forever.
+//! `TCP_USER_TIMEOUT` and a response deadline (`deadline_ms`: requests outstanding and for
+//! that long no byte received, nor any of ours acknowledged by the peer's kernel, fails the
+//! connection with `Timeout`; a WRITE taking longer than that to upload is not failed while its
+//! bytes flow). Every blocking socket call has a timeout, so nothing waits forever.
 //!
 //! The wire format ([`wire`]) is versioned in the hello and bounds-checked per frame; garbage,
 //! truncated frames and frames claiming huge lengths close the connection without writing

@@ -98,6 +98,29 @@ pub unsafe fn writev_all(s: &TcpStream, iov: &mut [libc::iovec]) -> io::Result<(
     unsafe { writev_until(s, iov, None) }
 }
 
+/// How many of our bytes the peer's kernel has acknowledged on `s` (`TCP_INFO`'s
+/// `tcpi_bytes_acked`); `None` when the kernel does not report it. A slow link drains megabytes
+/// of socket buffer after the last `write` returned: acknowledgements are the progress a
+/// response deadline must see then.
+pub fn bytes_acked(s: &TcpStream) -> Option<u64> {
+    // SAFETY: tcp_info is plain old data, for which all-zero bytes are a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `info` is a writable tcp_info of `len` bytes, which the kernel fills (and
+    // `len` says how much); `s` is our open socket.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    let needed = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_acked) + 8;
+    (rc == 0 && len as usize >= needed).then_some(info.tcpi_bytes_acked)
+}
+
 /// [`writev_all`] with an overall deadline, so that a peer reading one byte at a time cannot
 /// hold the sender (and the registered memory it reads from) for long.
 ///

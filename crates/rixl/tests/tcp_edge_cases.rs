@@ -779,3 +779,120 @@ fn a_stalled_peer_cannot_hold_a_notification_waiter() {
         "standalone notifications are not acked"
     );
 }
+
+/// The response deadline measures silence, not duration: a WRITE whose bytes take several
+/// deadlines to reach a slow peer is answered only at its end, and must not be failed while
+/// they flow, neither while `write` calls return nor while the socket buffers drain after the
+/// last one. (It was: the deadline counted only bytes received, so a 1 GiB WRITE over a
+/// 1 Gbit/s link failed under the default 5 s deadline.) The peer here is a raw target that
+/// takes 64 KiB every 4 ms (16 MB/s per connection) and acknowledges each connection's share
+/// at its end.
+#[test]
+fn a_write_to_a_slow_peer_outlasting_the_deadline_succeeds() {
+    // More than the socket buffers hold, so the sender blocks in `write` too.
+    const LEN: usize = 24 << 20;
+    let slow = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = slow.local_addr().unwrap().port();
+    // A small receive buffer (inherited by accepted connections): the peer's kernel then
+    // acknowledges about as fast as the slow reader takes bytes, as over a slow link, instead
+    // of swallowing megabytes the reader takes seconds to consume.
+    let small: libc::c_int = 64 << 10;
+    // SAFETY: sets one int option on a listening socket we own; `small` outlives the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&slow),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&small as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_RCVBUF");
+    std::thread::spawn(move || {
+        for conn in slow.incoming() {
+            let Ok(mut s) = conn else { return };
+            std::thread::spawn(move || {
+                let mut hb = [0u8; HEADER_LEN];
+                if s.read_exact(&mut hb).is_err() {
+                    return;
+                }
+                let h = Header::parse(&hb).unwrap();
+                let mut body = vec![0u8; h.len as usize];
+                s.read_exact(&mut body).unwrap();
+                s.write_all(&Header::new(Kind::HelloAck).encode()).unwrap();
+                let mut chunk = vec![0u8; 64 << 10];
+                let mut got = 0usize;
+                while s.read_exact(&mut hb).is_ok() {
+                    let h = Header::parse(&hb).unwrap();
+                    let mut left = if h.kind == Kind::Write {
+                        h.len as usize
+                    } else {
+                        0
+                    };
+                    got += left;
+                    while left > 0 {
+                        let n = left.min(chunk.len());
+                        s.read_exact(&mut chunk[..n]).unwrap();
+                        left -= n;
+                        std::thread::sleep(Duration::from_millis(4));
+                    }
+                    // Like the real target, one acknowledgement per post (its share on this
+                    // connection: half of LEN), so nothing comes back while the bytes flow.
+                    if h.kind == Kind::Write && got.is_multiple_of(LEN / 2) {
+                        let mut ack = Header::new(Kind::Ack);
+                        ack.id = h.id;
+                        s.write_all(&ack.encode()).unwrap();
+                    }
+                }
+            });
+        }
+    });
+    // Real metadata (its registration) whose TCP connection info points at the slow target.
+    let buf = TestBuffer::new(LEN);
+    let t = agent_with("tcp-tgt", &[]);
+    // SAFETY: `buf` outlives `t`.
+    unsafe { t.register_mem(&buf.reg_list(), &[]).unwrap() };
+    let info = rixl_tcp::ConnInfo::decode(
+        &rixl::core::AgentMetadata::decode(&t.local_metadata().unwrap())
+            .unwrap()
+            .conn
+            .iter()
+            .find(|c| c.backend == "TCP")
+            .unwrap()
+            .info,
+    )
+    .unwrap();
+    let mut md = rixl::core::AgentMetadata::decode(&t.local_metadata().unwrap()).unwrap();
+    md.agent = unique_name("tcp-slow");
+    for c in md.conn.iter_mut().filter(|c| c.backend == "TCP") {
+        c.info = rixl_tcp::ConnInfo {
+            nonce: info.nonce,
+            port,
+            addrs: vec!["127.0.0.1".parse().unwrap()],
+        }
+        .encode();
+    }
+    let src = TestBuffer::with_pattern(LEN, 3);
+    let a = agent_with("tcp-ini", &[("deadline_ms", "100")]);
+    // SAFETY: `src` outlives `a`.
+    unsafe { a.register_mem(&src.reg_list(), &[]).unwrap() };
+    a.load_remote_metadata(&md.encode()).unwrap();
+    let req = a
+        .create_xfer_req(
+            XferOp::Write,
+            &list(vec![src.whole()]),
+            &list(vec![buf.whole()]),
+            &md.agent,
+            &XferOptions::default(),
+        )
+        .unwrap();
+    let t0 = Instant::now();
+    req.post().unwrap();
+    req.wait(Some(Duration::from_secs(30)))
+        .expect("a WRITE whose bytes keep flowing to a slow peer");
+    let took = t0.elapsed();
+    assert!(
+        took > Duration::from_millis(200),
+        "the slow peer took only {took:?}: the case did not outlast the deadline"
+    );
+}
