@@ -648,12 +648,13 @@ fn share_connections(conns: &str) {
 
 /// Agent metadata like `t`'s but under another name, its TCP connection info pointing at
 /// `port` on loopback (a fake target).
-fn metadata_pointing_at(t: &Target, prefix: &str, port: u16) -> rixl::core::AgentMetadata {
-    let mut md = rixl::core::AgentMetadata::decode(&t.agent.local_metadata().unwrap()).unwrap();
+fn metadata_pointing_at(t: &Agent, prefix: &str, port: u16) -> rixl::core::AgentMetadata {
+    let mut md = rixl::core::AgentMetadata::decode(&t.local_metadata().unwrap()).unwrap();
     md.agent = unique_name(prefix);
     for c in md.conn.iter_mut().filter(|c| c.backend == "TCP") {
+        let nonce = rixl_tcp::ConnInfo::decode(&c.info).unwrap().nonce;
         c.info = rixl_tcp::ConnInfo {
-            nonce: t.info.nonce,
+            nonce,
             port,
             addrs: vec!["127.0.0.1".parse().unwrap()],
         }
@@ -684,7 +685,7 @@ fn a_peer_dying_while_a_waiting_thread_reads_is_noticed() {
         });
         let buf = TestBuffer::new(3 * 4096);
         let t = target(&buf);
-        let md = metadata_pointing_at(&t, "tcp-dier", port);
+        let md = metadata_pointing_at(&t.agent, "tcp-dier", port);
         let src = TestBuffer::with_pattern(64, 3);
         let a = agent_with("tcp-ini", &[("connections", "1")]);
         // SAFETY: `src` outlives `a`.
@@ -852,26 +853,7 @@ fn a_write_to_a_slow_peer_outlasting_the_deadline_succeeds() {
     let t = agent_with("tcp-tgt", &[]);
     // SAFETY: `buf` outlives `t`.
     unsafe { t.register_mem(&buf.reg_list(), &[]).unwrap() };
-    let info = rixl_tcp::ConnInfo::decode(
-        &rixl::core::AgentMetadata::decode(&t.local_metadata().unwrap())
-            .unwrap()
-            .conn
-            .iter()
-            .find(|c| c.backend == "TCP")
-            .unwrap()
-            .info,
-    )
-    .unwrap();
-    let mut md = rixl::core::AgentMetadata::decode(&t.local_metadata().unwrap()).unwrap();
-    md.agent = unique_name("tcp-slow");
-    for c in md.conn.iter_mut().filter(|c| c.backend == "TCP") {
-        c.info = rixl_tcp::ConnInfo {
-            nonce: info.nonce,
-            port,
-            addrs: vec!["127.0.0.1".parse().unwrap()],
-        }
-        .encode();
-    }
+    let md = metadata_pointing_at(&t, "tcp-slow", port);
     let src = TestBuffer::with_pattern(LEN, 3);
     let a = agent_with("tcp-ini", &[("deadline_ms", "100")]);
     // SAFETY: `src` outlives `a`.
