@@ -364,22 +364,12 @@ fn frozen_target_times_out_within_the_deadline() {
         .encode();
     }
     let src = TestBuffer::with_pattern(4096, 1);
-    let a = agent_with(
-        "tcp-ini",
+    let (a, req) = write_request(
         &[("deadline_ms", "500"), ("keepalive_secs", "1")],
+        &src,
+        &md,
+        Desc::new(t.page, 4096, 0),
     );
-    // SAFETY: `src` outlives `a`.
-    unsafe { a.register_mem(&src.reg_list(), &[]).unwrap() };
-    a.load_remote_metadata(&md.encode()).unwrap();
-    let req = a
-        .create_xfer_req(
-            XferOp::Write,
-            &list(vec![src.whole()]),
-            &list(vec![Desc::new(t.page, 4096, 0)]),
-            &md.agent,
-            &XferOptions::default(),
-        )
-        .unwrap();
     let posted = Instant::now();
     req.post().unwrap();
     let e = req.wait(Some(Duration::from_secs(30))).unwrap_err();
@@ -663,6 +653,31 @@ fn metadata_pointing_at(t: &Agent, prefix: &str, port: u16) -> rixl::core::Agent
     md
 }
 
+/// An initiator (TCP parameters `params`) with `src` registered that knows `md`, and its
+/// WRITE of all of `src` to `remote` at `md`'s agent. The caller keeps `src` alive longer than
+/// the agent (declared first, it is dropped last).
+fn write_request(
+    params: &[(&str, &str)],
+    src: &TestBuffer,
+    md: &rixl::core::AgentMetadata,
+    remote: Desc,
+) -> (Agent, XferRequest) {
+    let a = agent_with("tcp-ini", params);
+    // SAFETY: the caller keeps `src` alive longer than the returned agent.
+    unsafe { a.register_mem(&src.reg_list(), &[]).unwrap() };
+    a.load_remote_metadata(&md.encode()).unwrap();
+    let req = a
+        .create_xfer_req(
+            XferOp::Write,
+            &list(vec![src.whole()]),
+            &list(vec![remote]),
+            &md.agent,
+            &XferOptions::default(),
+        )
+        .unwrap();
+    (a, req)
+}
+
 /// A peer that dies (closes its connection without answering) while the initiator's thread is
 /// the one reading the connection (in `wait`, or polling `status()`): the thread sees the end
 /// itself, the request fails with `RemoteDisconnect`, and the peer is invalidated.
@@ -687,19 +702,7 @@ fn a_peer_dying_while_a_waiting_thread_reads_is_noticed() {
         let t = target(&buf);
         let md = metadata_pointing_at(&t.agent, "tcp-dier", port);
         let src = TestBuffer::with_pattern(64, 3);
-        let a = agent_with("tcp-ini", &[("connections", "1")]);
-        // SAFETY: `src` outlives `a`.
-        unsafe { a.register_mem(&src.reg_list(), &[]).unwrap() };
-        a.load_remote_metadata(&md.encode()).unwrap();
-        let req = a
-            .create_xfer_req(
-                XferOp::Write,
-                &list(vec![src.whole()]),
-                &list(vec![Desc::new(t.page, 64, 0)]),
-                &md.agent,
-                &XferOptions::default(),
-            )
-            .unwrap();
+        let (a, req) = write_request(&[("connections", "1")], &src, &md, Desc::new(t.page, 64, 0));
         req.post().unwrap();
         let e = if polling {
             let start = Instant::now();
@@ -855,19 +858,7 @@ fn a_write_to_a_slow_peer_outlasting_the_deadline_succeeds() {
     unsafe { t.register_mem(&buf.reg_list(), &[]).unwrap() };
     let md = metadata_pointing_at(&t, "tcp-slow", port);
     let src = TestBuffer::with_pattern(LEN, 3);
-    let a = agent_with("tcp-ini", &[("deadline_ms", "100")]);
-    // SAFETY: `src` outlives `a`.
-    unsafe { a.register_mem(&src.reg_list(), &[]).unwrap() };
-    a.load_remote_metadata(&md.encode()).unwrap();
-    let req = a
-        .create_xfer_req(
-            XferOp::Write,
-            &list(vec![src.whole()]),
-            &list(vec![buf.whole()]),
-            &md.agent,
-            &XferOptions::default(),
-        )
-        .unwrap();
+    let (_a, req) = write_request(&[("deadline_ms", "100")], &src, &md, buf.whole());
     let t0 = Instant::now();
     req.post().unwrap();
     req.wait(Some(Duration::from_secs(30)))
