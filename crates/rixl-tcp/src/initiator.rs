@@ -578,7 +578,8 @@ fn conns(shared: &Arc<Shared>, peer: &Arc<Peer>) -> Result<Arc<ConnSet>> {
 
 /// Opens connection `idx` to `addr` and says hello.
 fn dial(shared: &Shared, peer: &Peer, addr: SocketAddr, idx: usize) -> Result<TcpStream> {
-    let per_try = shared.deadline.min(Duration::from_secs(2));
+    // A host that does not answer a SYN within `unreachable` counts as unreachable.
+    let per_try = shared.deadline.min(shared.unreachable);
     let fail = |kind: ErrorKind, what: &str, e: &std::io::Error| {
         Error::from_io(kind, format!("{what} agent {:?} at {addr}", peer.name), e)
             .with_peer(&peer.name)
@@ -586,8 +587,13 @@ fn dial(shared: &Shared, peer: &Peer, addr: SocketAddr, idx: usize) -> Result<Tc
     };
     let s = TcpStream::connect_timeout(&addr, per_try)
         .map_err(|e| fail(ErrorKind::RemoteDisconnect, "cannot connect to", &e))?;
-    sock::configure(&s, shared.keepalive_secs, shared.deadline)
-        .map_err(|e| fail(ErrorKind::Backend, "cannot configure the connection to", &e))?;
+    sock::configure(
+        &s,
+        shared.keepalive_secs,
+        shared.unreachable,
+        shared.deadline,
+    )
+    .map_err(|e| fail(ErrorKind::Backend, "cannot configure the connection to", &e))?;
     let hello = Hello {
         version: wire::VERSION,
         from: shared.ctx.agent_name.clone(),
@@ -679,15 +685,28 @@ fn reader(shared: &Arc<Shared>, peer: &Arc<Peer>, conn: &Arc<Conn>) {
     }
 }
 
-/// Whether the connection is stuck: a payload not complete by its deadline, or requests
-/// outstanding and no byte received from the peer, nor acknowledged by its kernel, for a whole
-/// `deadline` (a WRITE whose upload outlasts the deadline is answered only at its end).
-/// Otherwise, how long the reader thread may sleep before looking again.
+/// Whether the connection is lost or stuck: the peer's kernel silent for `unreachable` with a
+/// probe of ours unanswered, a payload not complete by its deadline, or requests outstanding
+/// and no byte received from the peer, nor acknowledged by its kernel, for a whole `deadline`
+/// (a WRITE whose upload outlasts the deadline is answered only at its end). Otherwise, how
+/// long the reader thread may sleep before looking again.
 fn overdue(shared: &Shared, peer: &Peer, conn: &Conn, rx: &Rx) -> Result<Duration> {
     let now = Instant::now();
+    // With nothing of ours unacknowledged, the kernel probes a quiet connection but gives up
+    // on an unanswered probe only at its next one: look more often than that while something
+    // is awaited, so that a crashed host fails it after `unreachable`.
+    let look_again = (shared.unreachable / 4).max(Duration::from_millis(10));
+    let reachable = || match sock::unanswered_for(&conn.stream) {
+        Some(silent) if silent >= shared.unreachable => Err(Error::remote_disconnect(format!(
+            "the host of agent {:?} acknowledged nothing for {silent:?} (unreachable_ms)",
+            peer.name
+        ))),
+        _ => Ok(()),
+    };
     if let Some(b) = &rx.body {
+        reachable()?;
         return match b.until.checked_duration_since(now) {
-            Some(left) if !left.is_zero() => Ok(left.min(shared.deadline)),
+            Some(left) if !left.is_zero() => Ok(left.min(shared.deadline).min(look_again)),
             _ => Err(Error::timeout(format!(
                 "agent {:?} did not send a whole frame in time",
                 peer.name
@@ -695,8 +714,17 @@ fn overdue(shared: &Shared, peer: &Peer, conn: &Conn, rx: &Rx) -> Result<Duratio
         };
     }
     let mut f = conn.fifo.lock();
+    reachable()?;
     if f.q.is_empty() {
-        return Ok(shared.deadline);
+        // Nobody waits, but a dead host should still be given up in bounded time: look again
+        // when the silence could first reach the limit (the kernel probes after one second of
+        // quiet, so a healthy idle connection brings this thread here about once a second).
+        return Ok(
+            sock::silent_for(&conn.stream).map_or(shared.deadline, |silent| {
+                (shared.unreachable.saturating_sub(silent) + Duration::from_millis(5))
+                    .min(shared.deadline)
+            }),
+        );
     }
     let idle = now.saturating_duration_since(f.progress);
     if idle >= shared.deadline {
@@ -707,7 +735,7 @@ fn overdue(shared: &Shared, peer: &Peer, conn: &Conn, rx: &Rx) -> Result<Duratio
         if let Some(acked) = sock::bytes_acked(&conn.stream) {
             if acked > conn.acked_seen.swap(acked, Ordering::Relaxed) {
                 f.progress = now;
-                return Ok(shared.deadline);
+                return Ok(shared.deadline.min(look_again));
             }
         }
         return Err(Error::timeout(format!(
@@ -715,7 +743,7 @@ fn overdue(shared: &Shared, peer: &Peer, conn: &Conn, rx: &Rx) -> Result<Duratio
             peer.name, shared.deadline
         )));
     }
-    Ok(shared.deadline - idle)
+    Ok((shared.deadline - idle).min(look_again))
 }
 
 /// Ends the connection after `err`, once, by whoever holds its `rx` when it happens: fails

@@ -32,13 +32,23 @@
 //! complete whatever nobody waits for. Standalone notifications are not acknowledged (one
 //! segment and one wake-up less per notification).
 //!
-//! Liveness: a killed peer's sockets are closed by its kernel, so the reader thread blocked on
-//! the connection sees end-of-stream at once and the agent invalidates the peer. A partitioned
-//! or frozen peer is caught by TCP keepalive (`keepalive_secs` idle, then 3 probes 1 s apart),
-//! `TCP_USER_TIMEOUT` and a response deadline (`deadline_ms`: requests outstanding and for
-//! that long no byte received, nor any of ours acknowledged by the peer's kernel, fails the
-//! connection with `Timeout`; a WRITE taking longer than that to upload is not failed while its
-//! bytes flow). Every blocking socket call has a timeout, so nothing waits forever.
+//! Liveness has three cases, told apart by what the peer's kernel still does:
+//! - A killed peer's sockets are closed by its kernel, so the reader thread blocked on the
+//!   connection sees end-of-stream at once and the agent invalidates the peer (milliseconds).
+//! - A crashed host or a cut link acknowledges nothing. `unreachable_ms` (1.5 s) bounds that
+//!   silence whatever the connection is doing: `TCP_USER_TIMEOUT` for our unacknowledged data,
+//!   keepalive probes once a second after `keepalive_secs` (1 s) of quiet, and the reader thread
+//!   looking for an unanswered probe as soon as the silence could reach the limit (the kernel
+//!   itself would wait for its next probe). The connection fails with `RemoteDisconnect` and
+//!   the agent invalidates the peer, about 1.5 s after the last acknowledgement, whether or not
+//!   a request was waiting. This does not fail slow transfers: a slow link still acknowledges.
+//! - A frozen or stuck peer process, whose kernel still acknowledges, is caught by the response
+//!   deadline (`deadline_ms`, 5 s): requests outstanding and for that long no byte received, nor
+//!   any of ours acknowledged, fail the connection with `Timeout` (a WRITE taking longer than
+//!   that to upload is not failed while its bytes flow). If its receive buffer fills, the
+//!   kernel's zero-window limit (`unreachable_ms` again) ends the connection sooner.
+//!
+//! Every blocking socket call has a timeout, so nothing waits forever.
 //!
 //! The wire format ([`wire`]) is versioned in the hello and bounds-checked per frame; garbage,
 //! truncated frames and frames claiming huge lengths close the connection without writing
@@ -95,7 +105,8 @@ pub const FACTORY: BackendFactory = BackendFactory {
     default_params: &[
         ("listen_addr", "0.0.0.0:0"),
         ("connections", "2"),
-        ("keepalive_secs", "2"),
+        ("keepalive_secs", "1"),
+        ("unreachable_ms", "1500"),
         ("deadline_ms", "5000"),
         ("stripe_min_bytes", "262144"),
         ("chunk_bytes", "1048576"),
@@ -113,17 +124,24 @@ fn create(ctx: BackendContext) -> Result<Arc<dyn Backend>> {
         .param("listen_addr")?
         .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
     let connections: usize = ctx.param("connections")?.unwrap_or(2);
-    let keepalive_secs: u32 = ctx.param("keepalive_secs")?.unwrap_or(2);
+    let keepalive_secs: u32 = ctx.param("keepalive_secs")?.unwrap_or(1);
+    let unreachable_ms: u64 = ctx.param("unreachable_ms")?.unwrap_or(1500);
     let deadline_ms: u64 = ctx.param("deadline_ms")?.unwrap_or(5000);
     let stripe_min: u64 = ctx.param("stripe_min_bytes")?.unwrap_or(256 << 10);
     let chunk: u64 = ctx.param("chunk_bytes")?.unwrap_or(1 << 20);
     if !(1..=64).contains(&connections) {
         return Err(Error::invalid_param("TCP connections must be 1..=64"));
     }
-    if keepalive_secs == 0 || deadline_ms == 0 {
+    if keepalive_secs == 0 || deadline_ms == 0 || unreachable_ms == 0 {
         return Err(Error::invalid_param(
-            "TCP keepalive_secs and deadline_ms must be positive",
+            "TCP keepalive_secs, unreachable_ms and deadline_ms must be positive",
         ));
+    }
+    if unreachable_ms > i32::MAX as u64 {
+        return Err(Error::invalid_param(format!(
+            "TCP unreachable_ms must be at most {}",
+            i32::MAX
+        )));
     }
     if chunk == 0 || chunk > wire::MAX_DATA {
         return Err(Error::invalid_param(format!(
@@ -155,6 +173,7 @@ fn create(ctx: BackendContext) -> Result<Arc<dyn Backend>> {
         regions: target::Regions::default(),
         stopping: AtomicBool::new(false),
         keepalive_secs,
+        unreachable: Duration::from_millis(unreachable_ms),
         deadline: Duration::from_millis(deadline_ms),
         connections,
         stripe_min,
@@ -174,6 +193,7 @@ fn create(ctx: BackendContext) -> Result<Arc<dyn Backend>> {
         ("listen_addr", bound.to_string()),
         ("connections", connections.to_string()),
         ("keepalive_secs", keepalive_secs.to_string()),
+        ("unreachable_ms", unreachable_ms.to_string()),
         ("deadline_ms", deadline_ms.to_string()),
         ("stripe_min_bytes", stripe_min.to_string()),
         ("chunk_bytes", chunk.to_string()),
@@ -229,6 +249,8 @@ pub struct Shared {
     regions: target::Regions,
     stopping: AtomicBool,
     keepalive_secs: u32,
+    /// How long a peer's kernel may acknowledge nothing (see [`sock::configure`]).
+    unreachable: Duration,
     deadline: Duration,
     connections: usize,
     stripe_min: u64,

@@ -9,10 +9,17 @@ use std::time::{Duration, Instant};
 pub const IOV_BATCH: usize = 512;
 
 /// Applies the liveness settings to a connected socket: no Nagle (small frames go out at once),
-/// keepalive after `keepalive_secs` idle with 1 s probes (3 probes), `TCP_USER_TIMEOUT` so
-/// unacknowledged data to a partitioned peer fails after `deadline`, and send/receive timeouts
-/// so that no blocking call waits longer than `deadline` without progress.
-pub fn configure(s: &TcpStream, keepalive_secs: u32, deadline: Duration) -> io::Result<()> {
+/// keepalive probes once a second after `keepalive_secs` without hearing from the peer, and
+/// `TCP_USER_TIMEOUT` so that the kernel aborts the connection once data or probes stay
+/// unacknowledged for `unreachable` (a crashed host or a cut link; a live peer's kernel answers
+/// probes even when its process is frozen). Send/receive timeouts bound every blocking call by
+/// `deadline` without progress.
+pub fn configure(
+    s: &TcpStream,
+    keepalive_secs: u32,
+    unreachable: Duration,
+    deadline: Duration,
+) -> io::Result<()> {
     s.set_nodelay(true)?;
     let fd = s.as_raw_fd();
     let set = |level: i32, opt: i32, v: i32| -> io::Result<()> {
@@ -39,8 +46,14 @@ pub fn configure(s: &TcpStream, keepalive_secs: u32, deadline: Duration) -> io::
         keepalive_secs.clamp(1, 32767) as i32,
     )?;
     set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 1)?;
-    set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3)?;
-    let ms = deadline.as_millis().clamp(1, i32::MAX as u128) as i32;
+    let ms = unreachable.as_millis().clamp(1, i32::MAX as u128) as i32;
+    // With TCP_USER_TIMEOUT set, the kernel ends a keepalive-probed connection by that time
+    // rather than by the probe count; the count only matters if a kernel ignores it.
+    set(
+        libc::IPPROTO_TCP,
+        libc::TCP_KEEPCNT,
+        (ms / 1000).clamp(1, 127),
+    )?;
     set(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, ms)?;
     // Larger buffers keep striped streams busy on fast paths; the kernel clamps them.
     let _ = set(libc::SOL_SOCKET, libc::SO_SNDBUF, 4 << 20);
@@ -82,11 +95,10 @@ fn advance(iov: &mut [libc::iovec], mut start: usize, mut n: usize) -> usize {
     start
 }
 
+/// A blocking call that hit the socket's send or receive timeout (`EAGAIN`). Not `ETIMEDOUT`:
+/// that is the kernel giving up on an unreachable peer, which ends the connection.
 fn timed_out(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-    )
+    e.kind() == io::ErrorKind::WouldBlock
 }
 
 /// Writes every byte described by `iov` (consumed in place).
@@ -103,6 +115,27 @@ pub unsafe fn writev_all(s: &TcpStream, iov: &mut [libc::iovec]) -> io::Result<(
 /// of socket buffer after the last `write` returned: acknowledgements are the progress a
 /// response deadline must see then.
 pub fn bytes_acked(s: &TcpStream) -> Option<u64> {
+    let (info, len) = tcp_info(s)?;
+    let needed = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_acked) + 8;
+    (len >= needed).then_some(info.tcpi_bytes_acked)
+}
+
+/// How long the peer's kernel has acknowledged nothing on `s` while a keepalive probe of ours
+/// went unanswered; `None` while it answers (or nothing was probed yet). This is what tells a
+/// crashed host or a cut link from a slow peer while we wait for an answer with nothing of ours
+/// unacknowledged: the kernel itself only gives up at its next probe.
+pub fn unanswered_for(s: &TcpStream) -> Option<Duration> {
+    let (info, _) = tcp_info(s)?;
+    (info.tcpi_probes > 0).then(|| Duration::from_millis(info.tcpi_last_ack_recv.into()))
+}
+
+/// How long ago the peer's kernel last acknowledged anything on `s`.
+pub fn silent_for(s: &TcpStream) -> Option<Duration> {
+    tcp_info(s).map(|(info, _)| Duration::from_millis(info.tcpi_last_ack_recv.into()))
+}
+
+/// The kernel's `TCP_INFO` for `s` and how many bytes of it the kernel filled.
+fn tcp_info(s: &TcpStream) -> Option<(libc::tcp_info, usize)> {
     // SAFETY: tcp_info is plain old data, for which all-zero bytes are a valid value.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
@@ -117,8 +150,7 @@ pub fn bytes_acked(s: &TcpStream) -> Option<u64> {
             &mut len,
         )
     };
-    let needed = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_acked) + 8;
-    (rc == 0 && len as usize >= needed).then_some(info.tcpi_bytes_acked)
+    (rc == 0).then_some((info, len as usize))
 }
 
 /// [`writev_all`] with an overall deadline, so that a peer reading one byte at a time cannot

@@ -267,7 +267,12 @@ pub fn accept_loop(shared: &Arc<Shared>, listener: TcpListener) {
                 continue;
             }
         };
-        if let Err(e) = sock::configure(&conn, shared.keepalive_secs, shared.deadline) {
+        if let Err(e) = sock::configure(
+            &conn,
+            shared.keepalive_secs,
+            shared.unreachable,
+            shared.deadline,
+        ) {
             tracing::warn!("TCP: cannot configure an inbound connection: {e}");
             continue;
         }
@@ -548,7 +553,7 @@ fn spin_for_input(shared: &Shared, c: &InConn) -> bool {
 /// Serves one inbound connection: a hello, then requests until goodbye or end of stream.
 fn serve(shared: &Arc<Shared>, stream: TcpStream) {
     let mut hb = [0u8; HEADER_LEN];
-    let hello = match handshake(shared, &stream, &mut hb) {
+    let (hello, known) = match handshake(shared, &stream, &mut hb) {
         Ok(h) => h,
         Err(e) => {
             tracing::warn!("TCP: dropped an inbound connection: {e}");
@@ -599,9 +604,15 @@ fn serve(shared: &Arc<Shared>, stream: TcpStream) {
     }
     if !matches!(end, End::Clean) && !shared.stopping.load(Ordering::SeqCst) {
         // Only a connection whose hello matches the initiator's published instance may make us
-        // drop that agent: a self-declared name alone is not enough.
+        // drop that agent: a self-declared name alone is not enough. And only the metadata
+        // loaded when it said hello: a connection that dies of a partition after the
+        // application loaded the agent again (the network healed) must not drop the new load.
         let peer = shared.peers.lock().get(&hello.from).cloned();
-        if let Some(p) = peer.filter(|p| p.info.nonce == session.nonce) {
+        let current = |p: &Arc<crate::Peer>| match &known {
+            Some(k) => std::ptr::eq(k.as_ptr(), Arc::as_ptr(p)),
+            None => p.info.nonce == session.nonce,
+        };
+        if let Some(p) = peer.filter(current) {
             let err = Error::remote_disconnect(format!(
                 "agent {:?} closed its TCP connection without a goodbye",
                 hello.from
@@ -615,7 +626,7 @@ fn handshake(
     shared: &Shared,
     stream: &TcpStream,
     hb: &mut [u8; HEADER_LEN],
-) -> Result<Hello, String> {
+) -> Result<(Hello, Option<Weak<crate::Peer>>), String> {
     let deadline = Some(Instant::now() + shared.deadline);
     sock::read_exact(stream, hb, deadline).map_err(|e| format!("no hello: {e}"))?;
     let h = Header::parse(hb).map_err(|e| e.to_string())?;
@@ -648,8 +659,17 @@ fn handshake(
         let _ = sock::write_all(stream, &out);
         return Err(msg.clone());
     }
+    // The initiator's metadata as loaded now, if it is the instance saying hello: the only
+    // metadata this connection's end may drop (see `serve`). Taken before the answer, so that
+    // whatever the initiator does after hearing it happens after this.
+    let known = shared
+        .peers
+        .lock()
+        .get(&hello.from)
+        .filter(|p| p.info.nonce == hello.from_nonce)
+        .map(Arc::downgrade);
     sock::write_all(stream, &ack.encode()).map_err(|e| e.to_string())?;
-    Ok(hello)
+    Ok((hello, known))
 }
 
 /// The server thread's loop: sleep until a request arrives (unless a notification waiter is

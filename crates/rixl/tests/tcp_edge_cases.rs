@@ -441,8 +441,8 @@ fn cancel_of_a_striped_write_is_fenced() {
 }
 
 /// An inbound connection that ends without a goodbye makes the target drop the initiator's
-/// metadata only if its hello matches that initiator's published instance: a stranger using
-/// someone else's name cannot get them invalidated.
+/// metadata only if its hello matches that initiator's published instance (a stranger using
+/// someone else's name cannot get them invalidated), and only the load it said hello to.
 #[test]
 fn only_the_real_instance_can_be_reported_lost() {
     let buf = TestBuffer::new(3 * 4096);
@@ -484,6 +484,20 @@ fn only_the_real_instance_can_be_reported_lost() {
     assert!(
         t.agent.check_remote_metadata(victim.name(), None),
         "a stranger's disconnect invalidated the victim"
+    );
+    // A connection older than the application's latest load of the victim (say, one that
+    // dies of a partition after the network healed and the victim was loaded again) cannot
+    // drop that load.
+    let old = connect_as(victim_nonce);
+    t.agent.invalidate_remote_metadata(victim.name());
+    t.agent
+        .load_remote_metadata(&victim.local_metadata().unwrap())
+        .unwrap();
+    drop(old);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        t.agent.check_remote_metadata(victim.name(), None),
+        "a connection from before the reload invalidated it"
     );
     // The matching instance disconnecting without a goodbye does count as the peer's loss.
     drop(connect_as(victim_nonce));
@@ -868,4 +882,64 @@ fn a_write_to_a_slow_peer_outlasting_the_deadline_succeeds() {
         took > Duration::from_millis(200),
         "the slow peer took only {took:?}: the case did not outlast the deadline"
     );
+}
+
+/// The liveness parameters: defaults reported, nonsense refused with a message naming it.
+#[test]
+fn liveness_parameters_are_reported_and_validated() {
+    let a = agent("tcp-params");
+    let p = a.backend_params("TCP").unwrap();
+    assert_eq!(p["unreachable_ms"], "1500");
+    assert_eq!(p["keepalive_secs"], "1");
+    assert_eq!(p["deadline_ms"], "5000");
+    for (k, v) in [
+        ("unreachable_ms", "0"),
+        ("unreachable_ms", "soon"),
+        ("unreachable_ms", "4294967296"),
+        ("keepalive_secs", "0"),
+    ] {
+        let params: rixl::Params = [(k.to_owned(), v.to_owned())].into_iter().collect();
+        let e = Agent::new(
+            &unique_name("tcp-bad-param"),
+            AgentConfig::default().backend_with("TCP", params),
+        )
+        .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidParam, "{k}={v}: {e}");
+        assert!(e.message().contains(k), "{k}={v}: {e}");
+    }
+}
+
+/// A live peer that is merely quiet is never taken for an unreachable one: over several
+/// `unreachable_ms` of silence its kernel answers the keepalive probes, both agents keep each
+/// other loaded, and the connection still carries a WRITE and a notification afterwards.
+#[test]
+fn a_quiet_live_peer_is_kept() {
+    let buf = TestBuffer::new(3 * 4096);
+    let t = target(&buf);
+    let src = TestBuffer::with_pattern(4096, 9);
+    let a = initiator(&src);
+    a.load_remote_metadata(&t.agent.local_metadata().unwrap())
+        .unwrap();
+    t.agent
+        .load_remote_metadata(&a.local_metadata().unwrap())
+        .unwrap();
+    a.make_connection(t.agent.name(), &[]).unwrap();
+    t.agent.send_notif(a.name(), b"hi", None).unwrap();
+    assert!(a.wait_notif(Duration::from_secs(5)));
+    // Twice the default `unreachable_ms`, plus the kernel's one-second probe interval.
+    std::thread::sleep(Duration::from_millis(4000));
+    assert!(a.check_remote_metadata(t.agent.name(), None));
+    assert!(t.agent.check_remote_metadata(a.name(), None));
+    let req = a
+        .create_xfer_req(
+            XferOp::Write,
+            &list(vec![src.whole()]),
+            &list(vec![Desc::new(t.page, 4096, 0)]),
+            t.agent.name(),
+            &XferOptions::with_notif("after the quiet"),
+        )
+        .unwrap();
+    req.post().unwrap();
+    req.wait(Some(Duration::from_secs(10))).unwrap();
+    buf.assert_range(4096, &pattern(9, 0, 4096), "written after the quiet");
 }
