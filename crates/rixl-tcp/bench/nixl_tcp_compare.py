@@ -5,6 +5,10 @@
         [--prog-thread] [--target-sleep]
     cargo run --release -p rixl-tcp --example tcp_bench [-- --quick]
 
+Across network namespaces, `RIXL_TCP_BENCH_NETNS=<ns>` starts the target process in that
+namespace, with `UCX_NET_DEVICES` set to `RIXL_TCP_BENCH_TARGET_DEV` there (`netns_compare.sh`
+sets these up).
+
 Requests of one descriptor and of 16 descriptors (the target side in reverse order, as in
 `tcp_bench`) of 64 KiB..16 MiB, WRITE and READ, posted and polled with `check_xfer_state` back
 to back for 0.5 s (0.2 s with --quick); then 4 KiB WRITE post-to-complete latency (p50/p99).
@@ -71,8 +75,14 @@ def load():
 
 def main():
     args = [a for a in sys.argv[1:] if a.startswith("--")]
-    child = subprocess.Popen([sys.executable, __file__, "--target"] + args, stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True)
+    cmd = [sys.executable, __file__, "--target"] + args
+    env = dict(os.environ)
+    ns = os.environ.get("RIXL_TCP_BENCH_NETNS")
+    if ns:
+        cmd = ["ip", "netns", "exec", ns] + cmd
+        if os.environ.get("RIXL_TCP_BENCH_TARGET_DEV"):
+            env["UCX_NET_DEVICES"] = os.environ["RIXL_TCP_BENCH_TARGET_DEV"]
+    child = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     line = child.stdout.readline().split()
     while not line or line[0] != "MD":
         line = child.stdout.readline().split()
@@ -84,9 +94,10 @@ def main():
     peer = a.add_remote_agent(md).decode()
     child.stdin.write("MD %s\n" % a.get_agent_metadata().hex())
     child.stdin.flush()
-    print("NIXL 1.5.1 UCX_TLS=%s progress thread %s, target %s; load %s" % (
+    print("NIXL 1.5.1 UCX_TLS=%s progress thread %s, target %s%s; load %s" % (
         os.environ.get("UCX_TLS", "(unset)"), "on" if PROG else "off",
-        "sleeps" if "--target-sleep" in sys.argv or PROG else "polls", load()), flush=True)
+        "sleeps" if "--target-sleep" in sys.argv or PROG else "polls",
+        " in netns %s" % ns if ns else "", load()), flush=True)
     print("%-6s %5s %9s %10s" % ("op", "descs", "block", "NIXL GB/s"), flush=True)
     for count in (1, BATCH):
         for op in ("WRITE", "READ"):

@@ -6,6 +6,9 @@
 //! [-- --case wait|status|notif|raw|spin]`
 //!
 //! Backend parameters can also be set with `RIXL_TCP_BENCH_PARAMS=key=value,key=value`.
+//! Across hosts: `RIXL_TCP_BENCH_NETNS=<namespace>` starts the target process in that network
+//! namespace and `RIXL_TCP_BENCH_ADDR=<its address>` is where the initiator reaches it
+//! (`crates/rixl-tcp/bench/netns_compare.sh` sets up both, with NIXL alongside).
 //!
 //! The program re-executes itself as the target process, which registers a 256 MiB buffer with
 //! a `TCP` agent (metadata exchanged through the agents' listeners), answers every notification
@@ -202,7 +205,7 @@ fn target() -> rixl::Result<()> {
             .listen_on(0),
     )?);
     register(&agent, &mut buf)?;
-    let raw = TcpListener::bind("127.0.0.1:0").expect("raw listener");
+    let raw = TcpListener::bind((target_ip(), 0)).expect("raw listener");
     println!(
         "LISTEN {} {}",
         agent.listen_addr().expect("listener").port(),
@@ -425,6 +428,14 @@ impl Usage {
     }
 }
 
+/// Where the target process is reached: loopback unless `RIXL_TCP_BENCH_ADDR` says otherwise.
+fn target_ip() -> std::net::IpAddr {
+    std::env::var("RIXL_TCP_BENCH_ADDR")
+        .ok()
+        .map(|a| a.parse().expect("RIXL_TCP_BENCH_ADDR is an IP address"))
+        .unwrap_or([127, 0, 0, 1].into())
+}
+
 fn load() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
@@ -437,8 +448,17 @@ fn initiator() -> rixl::Result<()> {
     let rounds: usize = arg("--rounds").and_then(|r| r.parse().ok()).unwrap_or(1);
     let secs = if quick { 0.2 } else { 0.5 };
     let exe = std::env::current_exe().expect("own executable");
+    // In another network namespace if asked: `ip netns exec <ns> <this program> ...`.
+    let mut target_cmd = match std::env::var("RIXL_TCP_BENCH_NETNS") {
+        Ok(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", &ns]).arg(exe);
+            c
+        }
+        Err(_) => Command::new(exe),
+    };
     let mut child = ChildGuard(
-        Command::new(exe)
+        target_cmd
             .args(std::env::args().skip(1))
             .env(ROLE_ENV, "target")
             .stdin(Stdio::piped())
@@ -455,7 +475,8 @@ fn initiator() -> rixl::Result<()> {
         .skip(1)
         .filter_map(|p| p.parse().ok())
         .collect();
-    let addr: SocketAddr = ([127, 0, 0, 1], ports[0]).into();
+    let addr = SocketAddr::new(target_ip(), ports[0]);
+    println!("target at {}", addr.ip());
     let mut buf = vec![2u8; BUF];
     let agent = Agent::new(
         "tcp-bench-initiator",
@@ -469,7 +490,7 @@ fn initiator() -> rixl::Result<()> {
     agent.send_local_metadata_blocking(addr, Duration::from_secs(10))?;
     let rbase = agent.remote_regions(&peer, MemType::Dram)?[0].addr;
     let lbase = buf.as_ptr() as u64;
-    let mut raw = TcpStream::connect(("127.0.0.1", ports[1])).expect("raw connect");
+    let mut raw = TcpStream::connect((addr.ip(), ports[1])).expect("raw connect");
     raw.set_nodelay(true).ok();
     let one = |base: u64, len: usize| {
         XferDescList::from_descs(MemType::Dram, vec![Desc::new(base, len as u64, 0)])
@@ -597,7 +618,7 @@ fn initiator() -> rixl::Result<()> {
         &peer,
         &XferOptions::default(),
     )?;
-    let mut spin = TcpStream::connect(("127.0.0.1", ports[1])).expect("raw connect");
+    let mut spin = TcpStream::connect((addr.ip(), ports[1])).expect("raw connect");
     spin.set_nodelay(true).ok();
     let mut on = [0u8; RAW_HDR];
     on[0] = b'S';
