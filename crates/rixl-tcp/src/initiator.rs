@@ -843,6 +843,12 @@ fn pump(
                 return Ok(());
             }
             if let Some(body) = rx.body.take() {
+                // The peer is still sending answers to us: do not let our kernel sit on the
+                // ACKs it needs (see `sock::quickack`). After the last answer there is
+                // nothing to hold up, and the next request carries the ACK for free.
+                if body.len >= sock::QUICKACK_PAYLOAD && !conn.fifo.lock().q.is_empty() {
+                    sock::quickack(&conn.stream);
+                }
                 body.finish(peer);
             }
             continue;

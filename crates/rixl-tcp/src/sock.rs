@@ -129,6 +129,30 @@ pub fn unanswered_for(s: &TcpStream) -> Option<Duration> {
     (info.tcpi_probes > 0).then(|| Duration::from_millis(info.tcpi_last_ack_recv.into()))
 }
 
+/// Payloads from this size on are acknowledged at once when received (see [`quickack`]).
+pub const QUICKACK_PAYLOAD: usize = 16 << 10;
+
+/// Asks the kernel to acknowledge what `s` has received now and to leave delayed-ACK mode.
+/// Requests one way and data the other make a connection look interactive to Linux, which
+/// then holds ACKs back (tens of milliseconds) hoping to piggyback them on data; a peer sending
+/// a burst of large frames stalls on its congestion window meanwhile. Seen across a veth link
+/// with a 1500-byte MTU: READ of 16 × 64 KiB at p99 11 ms and 0.7 GB/s, against 1.2 ms and
+/// 2 GB/s with this after each payload. The mode comes back with the next request, so callers
+/// ask again after every large payload. Best effort: a failure only costs the delay.
+pub fn quickack(s: &TcpStream) {
+    let on: i32 = 1;
+    // SAFETY: `on` is a valid c_int for the duration of the call; `s` is our open socket.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_QUICKACK,
+            (&on as *const i32).cast(),
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        )
+    };
+}
+
 /// How long ago the peer's kernel last acknowledged anything on `s`.
 pub fn silent_for(s: &TcpStream) -> Option<Duration> {
     tcp_info(s).map(|(info, _)| Duration::from_millis(info.tcpi_last_ack_recv.into()))

@@ -866,6 +866,9 @@ fn serve_frame(
                         unsafe { sock::readv_min(stream, &mut iov, h.len as usize, deadline) }
                     }
                     .map_err(|e| End::io("receiving WRITE data", e))?;
+                    if h.len as usize >= sock::QUICKACK_PAYLOAD {
+                        sock::quickack(stream);
+                    }
                     st.have = got - h.len as usize;
                     if st.have > 0 {
                         st.since = Some(Instant::now());
