@@ -69,6 +69,11 @@ def descs(a, base, block, count, reverse):
     return a.get_xfer_descs([(base + k * block, block, 0) for k in order], "DRAM")
 
 
+def steal_ticks():
+    """Hypervisor steal time of all CPUs (USER_HZ ticks), as tcp_bench reports it."""
+    return int(open("/proc/stat").readline().split()[8])
+
+
 def load():
     return " ".join(open("/proc/loadavg").read().split()[:3])
 
@@ -109,12 +114,15 @@ def main():
                 for _ in range(3):
                     once(a, h)
                 n = 0
+                s0 = steal_ticks()
                 t = time.perf_counter()
                 while time.perf_counter() - t < SECS or n < 5:
                     once(a, h)
                     n += 1
-                gbs = n * block * count / (time.perf_counter() - t) / 1e9
-                print("%-6s %5d %9d %10.2f" % (op, count, block, gbs), flush=True)
+                el = time.perf_counter() - t
+                gbs = n * block * count / el / 1e9
+                print("%-6s %5d %9d %10.2f   stolen %.2f" % (
+                    op, count, block, gbs, (steal_ticks() - s0) / 100.0 / el), flush=True)
                 a.release_xfer_handle(h)
     h = a.initialize_xfer("WRITE", descs(a, lbase, 4096, 1, False), descs(a, rbase, 4096, 1, False), peer)
     lat = []

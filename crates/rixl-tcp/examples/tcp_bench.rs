@@ -30,6 +30,10 @@
 //!   exchange with both ends spin-polling non-blocking sockets (no thread ever sleeps: the
 //!   fastest the kernel's TCP path can go here).
 //!
+//! Each bandwidth row ends with the cores both processes used (RIXL/plain loop), the CPU ns per
+//! KiB moved, and `stolen`: cores' worth of time the hypervisor gave to other guests during the
+//! row (rows with a visible share are not this machine's figures).
+//!
 //! `--rounds N` repeats the latency section N times and prints each round (interleaved A/B runs
 //! on a shared machine need several samples).
 
@@ -254,6 +258,18 @@ fn cpu_ns(pid: u32) -> u64 {
         }
     }
     total
+}
+
+/// Clock ticks per second of `/proc/stat` (USER_HZ, 100 on Linux).
+const TICKS_PER_SEC: f64 = 100.0;
+
+/// Time the hypervisor ran something else on this machine's CPUs (`/proc/stat` steal ticks,
+/// all CPUs): rows measured while it grows are not this code's figures.
+fn steal_ticks() -> u64 {
+    std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| s.lines().next()?.split_whitespace().nth(8)?.parse().ok())
+        .unwrap_or(0)
 }
 
 /// CPU ns of both processes (tasks that ended meanwhile are not counted).
@@ -532,6 +548,7 @@ fn initiator() -> rixl::Result<()> {
                     };
                     let req = agent.create_xfer_req(op, &l, &r, &peer, &XferOptions::default())?;
                     let pids = [std::process::id(), child.0.id()];
+                    let s0 = steal_ticks();
                     let c0 = cpu_both(&pids);
                     let t0 = Instant::now();
                     let bw = measure(&req, secs)?;
@@ -542,8 +559,9 @@ fn initiator() -> rixl::Result<()> {
                     let t1 = Instant::now();
                     let rbw = raw_measure(&mut raw, op, &mut rawbuf, block, count, secs);
                     let (rcpu, rel) = ((cpu_both(&pids) - c1) as f64, t1.elapsed().as_secs_f64());
+                    let stolen = (steal_ticks() - s0) as f64 / TICKS_PER_SEC / (el + rel);
                     println!(
-                        "{:<6} {:>5} {:>9} {:>10.2} {:>14.2} {:>7.2}   cores {:.2}/{:.2}, CPU ns/KiB {:.0}/{:.0}",
+                        "{:<6} {:>5} {:>9} {:>10.2} {:>14.2} {:>7.2}   cores {:.2}/{:.2}, CPU ns/KiB {:.0}/{:.0}, stolen {:.2}",
                         op.name(),
                         count,
                         block,
@@ -554,6 +572,7 @@ fn initiator() -> rixl::Result<()> {
                         rcpu / 1e9 / rel,
                         cpu / (bw * el / 1024.0),
                         rcpu / (rbw * rel / 1024.0),
+                        stolen,
                     );
                 }
             }

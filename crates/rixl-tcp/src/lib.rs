@@ -71,8 +71,22 @@
 //! - Identity: the hello carries the initiator's name and instance nonce and the target's
 //!   expected name and nonce; a restarted agent at the same address is refused. Notifications
 //!   are attributed to the hello's name; an inbound connection can make the target drop an
-//!   agent's metadata only if its nonce matches that agent's published connection info. There
-//!   is no encryption or authentication of the data stream (as with NIXL's UCX over TCP).
+//!   agent's metadata only if its nonce matches that agent's published connection info (and
+//!   only the load current when it said hello: a connection dying of an old partition cannot
+//!   undo a reload). There is no encryption or authentication of the data stream (as with
+//!   NIXL's UCX over TCP).
+//!
+//! ## Parameters
+//!
+//! | Parameter | Default | Meaning |
+//! |---|---|---|
+//! | `listen_addr` | `0.0.0.0:0` | where the backend accepts connections (the port is published in the metadata) |
+//! | `connections` | 2 | connections per peer (1..=64) |
+//! | `stripe_min_bytes` | 262144 | posts larger than this are striped over every connection |
+//! | `chunk_bytes` | 1048576 | largest piece of a striped post |
+//! | `keepalive_secs` | 1 | quiet time before keepalive probes start (then one per second) |
+//! | `unreachable_ms` | 1500 | silence of the peer's kernel after which its host counts as gone (`RemoteDisconnect`) |
+//! | `deadline_ms` | 5000 | silence of a reachable peer after which requests fail (`Timeout`) |
 
 mod initiator;
 mod sock;
