@@ -3,8 +3,11 @@
 //! peer's connection info lists its 10.x address (and 127.0.0.1, which from here reaches a
 //! different host's loopback: the hello's name and instance check refuses it if anything
 //! listens there). Covers data both ways over the veth, notifications both ways (the peer dials
-//! back, trying our addresses in order until one is routable from its namespace), and a
-//! network partition (the veth taken down) surfacing as an error within a bounded time.
+//! back, trying our addresses in order until one is routable from its namespace), and, with
+//! default parameters: a partition (the veth taken down) in the middle of a transfer failing
+//! the post after `unreachable_ms`, the healed link working again once the peer is loaded
+//! again, a partition of idle connections dropping the peer by itself, and the peer process
+//! killed in the middle of a transfer failing the post within milliseconds.
 //!
 //! Needs root and `ip netns`; otherwise prints `SKIP: ... because ...` and falls back to the
 //! same checks over loopback.
@@ -206,7 +209,7 @@ impl Drop for Peer {
 use rixl_testkit::dram_list as list;
 
 #[test]
-fn data_notifications_and_partition_across_hosts() {
+fn data_notifications_partition_heal_and_death_across_hosts() {
     let ns = match Netns::create() {
         Ok(ns) => Some(ns),
         Err(e) => {
@@ -367,4 +370,36 @@ fn data_notifications_and_partition_across_hosts() {
         std::thread::sleep(Duration::from_millis(10));
     }
     eprintln!("idle partition noticed after {:?}", cut.elapsed());
+
+    // Healed again, then the peer process is killed in the middle of a 1 GiB WRITE: its kernel
+    // closes the connections, so the post fails at once, not after `unreachable_ms`.
+    ns.heal().unwrap();
+    a.load_remote_metadata(&peer.metadata).unwrap();
+    let doomed = a
+        .create_xfer_req(
+            XferOp::Write,
+            &list(vec![local.whole(); 64]),
+            &list(vec![Desc::new(peer.base, LEN as u64, 0); 64]),
+            &peer.name,
+            &XferOptions::default(),
+        )
+        .unwrap();
+    doomed.post().unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    peer.child.kill().unwrap();
+    let killed = Instant::now();
+    match doomed.wait(Some(Duration::from_secs(30))) {
+        Ok(_) => eprintln!("the post finished before the peer was killed"),
+        Err(e) => {
+            let took = killed.elapsed();
+            eprintln!("post to a killed peer failed after {took:?}: {e}");
+            assert_eq!(e.kind(), ErrorKind::RemoteDisconnect, "{e}");
+            assert!(took < Duration::from_secs(1), "{took:?}: {e}");
+        }
+    }
+    assert!(
+        rixl_testkit::eventually(Duration::from_secs(5), || !a
+            .check_remote_metadata(&peer.name, None)),
+        "the killed peer was not invalidated"
+    );
 }
