@@ -640,7 +640,8 @@ fn dial(shared: &Shared, peer: &Peer, addr: SocketAddr, idx: usize) -> Result<Tc
 /// do not wake it while a waiting thread reads the socket itself), handles whatever arrived,
 /// and ends the connection on end of stream, a protocol violation, or no answer in time.
 fn reader(shared: &Arc<Shared>, peer: &Arc<Peer>, conn: &Arc<Conn>) {
-    let mut timeout = shared.deadline;
+    // The first look at the peer's silence comes when it could first matter (see `overdue`).
+    let mut timeout = shared.deadline.min(shared.silence_limit());
     loop {
         // While `status()` polls come in, sleep a millisecond at a time, so that a lease
         // whose poller stopped polling ends in time (its post must not be left to nobody).
@@ -696,8 +697,9 @@ fn overdue(shared: &Shared, peer: &Peer, conn: &Conn, rx: &Rx) -> Result<Duratio
     // on an unanswered probe only at its next one: look more often than that while something
     // is awaited, so that a crashed host fails it after `unreachable`.
     let look_again = (shared.unreachable / 4).max(Duration::from_millis(10));
+    let limit = shared.silence_limit();
     let reachable = || match sock::unanswered_for(&conn.stream) {
-        Some(silent) if silent >= shared.unreachable => Err(Error::remote_disconnect(format!(
+        Some(silent) if silent >= limit => Err(Error::remote_disconnect(format!(
             "the host of agent {:?} acknowledged nothing for {silent:?} (unreachable_ms)",
             peer.name
         ))),
@@ -717,14 +719,16 @@ fn overdue(shared: &Shared, peer: &Peer, conn: &Conn, rx: &Rx) -> Result<Duratio
     reachable()?;
     if f.q.is_empty() {
         // Nobody waits, but a dead host should still be given up in bounded time: look again
-        // when the silence could first reach the limit (the kernel probes after one second of
-        // quiet, so a healthy idle connection brings this thread here about once a second).
-        return Ok(
-            sock::silent_for(&conn.stream).map_or(shared.deadline, |silent| {
-                (shared.unreachable.saturating_sub(silent) + Duration::from_millis(5))
-                    .min(shared.deadline)
-            }),
-        );
+        // when the silence could first reach the limit (the kernel probes after a second of
+        // quiet by default, so a healthy idle connection brings this thread here about once a
+        // second). Past the limit with no probe out, the kernel is retransmitting data of
+        // ours instead, and `TCP_USER_TIMEOUT` ends that.
+        let next = match sock::silent_for(&conn.stream) {
+            Some(silent) if silent < limit => limit - silent + Duration::from_millis(5),
+            Some(_) => look_again,
+            None => shared.deadline,
+        };
+        return Ok(next.min(shared.deadline));
     }
     let idle = now.saturating_duration_since(f.progress);
     if idle >= shared.deadline {

@@ -292,6 +292,15 @@ impl Shared {
         }
     }
 
+    /// How long the peer's kernel may stay silent, with a keepalive probe of ours out, before
+    /// its host counts as gone: `unreachable_ms`, but never less than the quiet that starts the
+    /// probes plus some time to answer one (a probe is not unanswered the moment it leaves).
+    fn silence_limit(&self) -> Duration {
+        let grace = (self.unreachable / 3).min(Duration::from_millis(500));
+        self.unreachable
+            .max(Duration::from_secs(self.keepalive_secs.into()) + grace)
+    }
+
     fn lost_if(&self, peer: &Peer, err: &Error) {
         if err.kind() == ErrorKind::RemoteDisconnect {
             self.lost(peer, err);

@@ -911,35 +911,79 @@ fn liveness_parameters_are_reported_and_validated() {
 
 /// A live peer that is merely quiet is never taken for an unreachable one: over several
 /// `unreachable_ms` of silence its kernel answers the keepalive probes, both agents keep each
-/// other loaded, and the connection still carries a WRITE and a notification afterwards.
+/// other loaded, the connections carry a WRITE and a notification afterwards, and the backend
+/// threads mostly slept meanwhile. Also with probes starting later than `unreachable_ms`
+/// (a silence past the limit with no probe out is no verdict, nor a reason to spin).
 #[test]
 fn a_quiet_live_peer_is_kept() {
-    let buf = TestBuffer::new(3 * 4096);
-    let t = target(&buf);
+    quiet_live_peer(&[]);
+}
+
+#[test]
+fn a_quiet_live_peer_is_kept_with_late_probes() {
+    quiet_live_peer(&[("keepalive_secs", "3")]);
+}
+
+/// Context switches so far of every thread of this process, by thread id.
+fn context_switches() -> std::collections::HashMap<String, u64> {
+    let mut by_thread = std::collections::HashMap::new();
+    for t in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        let n = status
+            .lines()
+            .filter(|l| l.contains("ctxt_switches"))
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum::<u64>();
+        by_thread.insert(t.file_name().to_string_lossy().into_owned(), n);
+    }
+    by_thread
+}
+
+/// Context switches since `before` of the threads that lived through the whole interval
+/// (other tests of this binary start and end threads meanwhile).
+fn context_switches_since(before: &std::collections::HashMap<String, u64>) -> u64 {
+    context_switches()
+        .iter()
+        .filter_map(|(tid, n)| Some(n.saturating_sub(*before.get(tid)?)))
+        .sum()
+}
+
+fn quiet_live_peer(params: &[(&str, &str)]) {
+    let dst = TestBuffer::new(4096);
     let src = TestBuffer::with_pattern(4096, 9);
-    let a = initiator(&src);
-    a.load_remote_metadata(&t.agent.local_metadata().unwrap())
+    let t = agent_with("tcp-quiet-target", params);
+    let a = agent_with("tcp-quiet-initiator", params);
+    // SAFETY: both buffers outlive the agents (declared first).
+    unsafe {
+        t.register_mem(&dst.reg_list(), &[]).unwrap();
+        a.register_mem(&src.reg_list(), &[]).unwrap();
+    }
+    a.load_remote_metadata(&t.local_metadata().unwrap())
         .unwrap();
-    t.agent
-        .load_remote_metadata(&a.local_metadata().unwrap())
+    t.load_remote_metadata(&a.local_metadata().unwrap())
         .unwrap();
-    a.make_connection(t.agent.name(), &[]).unwrap();
-    t.agent.send_notif(a.name(), b"hi", None).unwrap();
+    a.make_connection(t.name(), &[]).unwrap();
+    t.send_notif(a.name(), b"hi", None).unwrap();
     assert!(a.wait_notif(Duration::from_secs(5)));
-    // Twice the default `unreachable_ms`, plus the kernel's one-second probe interval.
-    std::thread::sleep(Duration::from_millis(4000));
-    assert!(a.check_remote_metadata(t.agent.name(), None));
-    assert!(t.agent.check_remote_metadata(a.name(), None));
+    let before = context_switches();
+    // Well past `unreachable_ms` and past the first keepalive probes.
+    std::thread::sleep(Duration::from_millis(4500));
+    let switches = context_switches_since(&before);
+    eprintln!("{params:?}: {switches} context switches over 4.5 s of quiet");
+    // A reader thread re-checking every few milliseconds would make hundreds per connection.
+    assert!(switches < 200, "{switches} context switches while quiet");
+    assert!(a.check_remote_metadata(t.name(), None));
+    assert!(t.check_remote_metadata(a.name(), None));
     let req = a
         .create_xfer_req(
             XferOp::Write,
             &list(vec![src.whole()]),
-            &list(vec![Desc::new(t.page, 4096, 0)]),
-            t.agent.name(),
+            &list(vec![dst.whole()]),
+            t.name(),
             &XferOptions::with_notif("after the quiet"),
         )
         .unwrap();
     req.post().unwrap();
     req.wait(Some(Duration::from_secs(10))).unwrap();
-    buf.assert_range(4096, &pattern(9, 0, 4096), "written after the quiet");
+    dst.assert_range(0, &pattern(9, 0, 4096), "written after the quiet");
 }
