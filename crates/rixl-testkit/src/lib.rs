@@ -55,6 +55,7 @@
 mod arena;
 mod buffer;
 pub mod cases;
+pub mod child;
 pub mod peer;
 pub mod remote;
 mod support;

@@ -18,13 +18,13 @@
 //! commands on stdin (load metadata, checksum a range, wait for / send / echo notifications,
 //! exit). Replies are stdout lines prefixed with `@rixl ` so that libtest's own output is ignored.
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::io::{BufRead, Write};
 use std::time::Duration;
 
 use rixl::{Agent, AgentConfig, MemType, RegDesc, RegDescList};
 
 use crate::buffer::TestBuffer;
+use crate::child::ChildLine;
 
 /// Environment variable that turns the entry point into a peer and carries its settings.
 pub const PEER_ENV: &str = "RIXL_TESTKIT_PEER";
@@ -147,9 +147,7 @@ pub fn peer_main() {
 /// A spawned peer, seen from the test.
 #[derive(Debug)]
 pub struct PeerProcess {
-    child: Child,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
+    io: ChildLine,
     /// The peer agent's name.
     pub name: String,
     /// Its metadata blob.
@@ -164,26 +162,25 @@ impl PeerProcess {
     /// Re-executes this test binary running only `entry` (the test that calls [`peer_main`]),
     /// as agent `name` with `backend`, and a buffer of `len` bytes filled with pattern `seed`.
     pub fn spawn(entry: &str, name: &str, backend: &str, len: usize, seed: u64) -> PeerProcess {
-        let exe = std::env::current_exe().expect("test executable");
-        let mut child = Command::new(exe)
-            .args([
-                entry,
-                "--exact",
-                "--ignored",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(PEER_ENV, format!("{name},{backend},{len},{seed}"))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
+        PeerProcess::spawn_via(&[], entry, name, backend, len, seed)
+    }
+
+    /// [`PeerProcess::spawn`] through `launcher` (a program and its arguments run with the
+    /// test binary appended, such as `["ip", "netns", "exec", ns]` for a peer on another
+    /// network "host"); empty runs the binary directly.
+    pub fn spawn_via(
+        launcher: &[&str],
+        entry: &str,
+        name: &str,
+        backend: &str,
+        len: usize,
+        seed: u64,
+    ) -> PeerProcess {
+        let spec = format!("{name},{backend},{len},{seed}");
+        let io = ChildLine::spawn(launcher, entry, &[(PEER_ENV, &spec)], PREFIX)
             .expect("spawn peer process");
-        let stdin = child.stdin.take().expect("peer stdin");
-        let stdout = BufReader::new(child.stdout.take().expect("peer stdout"));
         let mut p = PeerProcess {
-            child,
-            stdin,
-            stdout,
+            io,
             name: name.to_owned(),
             metadata: Vec::new(),
             base: 0,
@@ -204,15 +201,13 @@ impl PeerProcess {
 
     /// Sends one command line and returns the reply (without the prefix).
     pub fn cmd(&mut self, line: &str) -> String {
-        writeln!(self.stdin, "{line}").expect("write to peer");
-        self.stdin.flush().expect("flush to peer");
+        self.send(line);
         self.read_reply()
     }
 
     /// Sends a command without waiting for the reply (read it later with [`PeerProcess::reply`]).
     pub fn send(&mut self, line: &str) {
-        writeln!(self.stdin, "{line}").expect("write to peer");
-        self.stdin.flush().expect("flush to peer");
+        self.io.send(line).expect("write to peer");
     }
 
     /// Reads the next reply.
@@ -221,16 +216,8 @@ impl PeerProcess {
     }
 
     fn read_reply(&mut self) -> String {
-        let mut line = String::new();
-        loop {
-            line.clear();
-            let n = self.stdout.read_line(&mut line).expect("read from peer");
-            assert!(n > 0, "peer {} exited unexpectedly", self.name);
-            // libtest may print "test peer_process ... " on the same line first.
-            if let Some(i) = line.find(PREFIX) {
-                return line[i + PREFIX.len()..].trim_end().to_owned();
-            }
-        }
+        let reply = self.io.reply().expect("read from peer");
+        reply.unwrap_or_else(|| panic!("peer {} exited unexpectedly", self.name))
     }
 
     /// Checksum of `len` bytes at `off` of the peer's buffer.
@@ -243,20 +230,13 @@ impl PeerProcess {
 
     /// Kills the peer (SIGKILL) and reaps it.
     pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = self.io.kill();
+        let _ = self.io.wait();
     }
 
     /// Asks the peer to exit and waits for it.
     pub fn exit(mut self) {
         let _ = self.cmd("EXIT");
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for PeerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = self.io.wait();
     }
 }

@@ -27,8 +27,7 @@
 //! target really dies, without a goodbye.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::io::{BufRead, Write};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -38,6 +37,7 @@ use rixl::{
 };
 
 use crate::arena;
+use crate::child::ChildLine;
 use crate::peer::{hex, unhex};
 use crate::Harness;
 
@@ -247,17 +247,13 @@ impl<H: Harness> Harness for CrossProcess<H> {
 }
 
 /// A target agent in a peer process, driven over the peer's stdin and stdout.
+///
+/// Dropping it kills the peer with `SIGKILL` (see [`ChildLine`]): the peer-death cases want a
+/// real death, and other cases are over when their target goes.
 #[derive(Debug)]
 pub struct RemoteAgent {
     name: String,
-    io: Mutex<PeerIo>,
-}
-
-#[derive(Debug)]
-struct PeerIo {
-    child: Child,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
+    io: Mutex<ChildLine>,
 }
 
 impl RemoteAgent {
@@ -265,37 +261,22 @@ impl RemoteAgent {
     /// `name` with telemetry on or off; returns once its agent exists.
     pub fn spawn(entry: &str, name: &str, telemetry: bool) -> RemoteAgent {
         let arena = arena::install();
-        let exe = std::env::current_exe().expect("test executable");
-        let mut child = Command::new(exe)
-            .args([
-                entry,
-                "--exact",
-                "--ignored",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(REMOTE_ENV, format!("{name},{}", u8::from(telemetry)))
-            .env(arena::ARENA_ENV, arena.env())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn the target process");
-        let stdin = child.stdin.take().expect("peer stdin");
-        let stdout = BufReader::new(child.stdout.take().expect("peer stdout"));
+        let spec = format!("{name},{}", u8::from(telemetry));
+        let env = [
+            (REMOTE_ENV, spec.as_str()),
+            (arena::ARENA_ENV, &arena.env()),
+        ];
+        let io = ChildLine::spawn(&[], entry, &env, PREFIX).expect("spawn the target process");
         let r = RemoteAgent {
             name: name.to_owned(),
-            io: Mutex::new(PeerIo {
-                child,
-                stdin,
-                stdout,
-            }),
+            io: Mutex::new(io),
         };
-        let ready = r.io().reply(name);
+        let ready = r.reply(&mut r.io());
         assert_eq!(ready, "READY", "target process {name} did not start");
         r
     }
 
-    fn io(&self) -> MutexGuard<'_, PeerIo> {
+    fn io(&self) -> MutexGuard<'_, ChildLine> {
         self.io
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -305,10 +286,9 @@ impl RemoteAgent {
     fn call(&self, words: &[&str]) -> Result<Vec<String>> {
         let mut io = self.io();
         let line = words.join(" ");
-        writeln!(io.stdin, "{line}")
-            .and_then(|()| io.stdin.flush())
+        io.send(&line)
             .unwrap_or_else(|e| panic!("target process {} is gone: {e}", self.name));
-        let reply = io.reply(&self.name);
+        let reply = self.reply(&mut io);
         let mut w = reply.split(' ').map(str::to_owned);
         match w.next().as_deref() {
             Some("OK") => Ok(w.collect()),
@@ -332,37 +312,17 @@ impl RemoteAgent {
         }
     }
 
+    /// Reads the next reply line from `io` (this agent's peer, locked by the caller).
+    fn reply(&self, io: &mut ChildLine) -> String {
+        let name = &self.name;
+        io.reply()
+            .unwrap_or_else(|e| panic!("reading from target process {name}: {e}"))
+            .unwrap_or_else(|| panic!("target process {name} exited unexpectedly"))
+    }
+
     fn call_ok(&self, words: &[&str]) -> Vec<String> {
         self.call(words)
             .unwrap_or_else(|e| panic!("target process {}: {words:?} failed: {e}", self.name))
-    }
-}
-
-impl PeerIo {
-    fn reply(&mut self, name: &str) -> String {
-        let mut line = String::new();
-        loop {
-            line.clear();
-            let n = self
-                .stdout
-                .read_line(&mut line)
-                .unwrap_or_else(|e| panic!("reading from target process {name}: {e}"));
-            assert!(n > 0, "target process {name} exited unexpectedly");
-            // libtest may print "test name ... " on the same line first.
-            if let Some(i) = line.find(PREFIX) {
-                return line[i + PREFIX.len()..].trim_end().to_owned();
-            }
-        }
-    }
-}
-
-impl Drop for RemoteAgent {
-    fn drop(&mut self) {
-        // SIGKILL, not a polite exit: the peer-death cases want a real death, and other cases
-        // are over when their target goes.
-        let io = self.io.get_mut().unwrap_or_else(|p| p.into_inner());
-        let _ = io.child.kill();
-        let _ = io.child.wait();
     }
 }
 

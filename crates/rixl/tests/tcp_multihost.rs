@@ -14,12 +14,11 @@
 
 #![cfg(feature = "tcp")]
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use rixl::{Agent, AgentConfig, Desc, ErrorKind, XferOp, XferOptions};
-use rixl_testkit::peer::{checksum, hex, unhex, PEER_ENV};
+use rixl_testkit::peer::{checksum, hex, PeerProcess};
 use rixl_testkit::{pattern, unique_name, TestBuffer};
 
 #[test]
@@ -120,92 +119,6 @@ impl Drop for Netns {
     }
 }
 
-/// The peer process, spawned through `ip netns exec` (or directly without a namespace).
-struct Peer {
-    child: Child,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
-    name: String,
-    base: u64,
-    metadata: Vec<u8>,
-}
-
-impl Peer {
-    fn spawn(ns: Option<&Netns>, name: &str, len: usize, seed: u64) -> Peer {
-        let exe = std::env::current_exe().unwrap();
-        let test_args = [
-            "peer_process",
-            "--exact",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ];
-        let mut cmd = match ns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", &ns.name])
-                    .arg(&exe)
-                    .args(test_args);
-                c
-            }
-            None => {
-                let mut c = Command::new(&exe);
-                c.args(test_args);
-                c
-            }
-        };
-        let mut child = cmd
-            .env(PEER_ENV, format!("{name},TCP,{len},{seed}"))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdin = child.stdin.take().unwrap();
-        let stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut p = Peer {
-            child,
-            stdin,
-            stdout,
-            name: name.to_owned(),
-            base: 0,
-            metadata: Vec::new(),
-        };
-        let ready = p.reply();
-        let w: Vec<&str> = ready.split_whitespace().collect();
-        let ["READY", base, _len, md] = w[..] else {
-            panic!("peer did not start: {ready:?}");
-        };
-        p.base = base.parse().unwrap();
-        p.metadata = unhex(md).unwrap();
-        p
-    }
-
-    fn reply(&mut self) -> String {
-        let mut line = String::new();
-        loop {
-            line.clear();
-            let n = self.stdout.read_line(&mut line).unwrap();
-            assert!(n > 0, "peer {} exited unexpectedly", self.name);
-            if let Some(i) = line.find("@rixl ") {
-                return line[i + 6..].trim_end().to_owned();
-            }
-        }
-    }
-
-    fn cmd(&mut self, line: &str) -> String {
-        writeln!(self.stdin, "{line}").unwrap();
-        self.stdin.flush().unwrap();
-        self.reply()
-    }
-}
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 use rixl_testkit::dram_list as list;
 
 #[test]
@@ -233,7 +146,19 @@ fn data_notifications_partition_heal_and_death_across_hosts() {
         a.register_mem(&local.reg_list(), &[]).unwrap();
         a.register_mem(&back.reg_list(), &[]).unwrap();
     }
-    let mut peer = Peer::spawn(ns.as_ref(), &unique_name("tcp-host-b"), LEN, 32);
+    // The peer process, through `ip netns exec` (or directly without a namespace).
+    let launcher = match &ns {
+        Some(ns) => vec!["ip", "netns", "exec", ns.name.as_str()],
+        None => vec![],
+    };
+    let mut peer = PeerProcess::spawn_via(
+        &launcher,
+        "peer_process",
+        &unique_name("tcp-host-b"),
+        "TCP",
+        LEN,
+        32,
+    );
     let info = {
         let md = rixl::core::AgentMetadata::decode(&peer.metadata).unwrap();
         let c = md.conn.iter().find(|c| c.backend == "TCP").unwrap();
@@ -386,8 +311,8 @@ fn data_notifications_partition_heal_and_death_across_hosts() {
         .unwrap();
     doomed.post().unwrap();
     std::thread::sleep(Duration::from_millis(20));
-    peer.child.kill().unwrap();
     let killed = Instant::now();
+    peer.kill();
     match doomed.wait(Some(Duration::from_secs(30))) {
         Ok(_) => eprintln!("the post finished before the peer was killed"),
         Err(e) => {
