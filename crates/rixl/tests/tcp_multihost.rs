@@ -221,18 +221,21 @@ fn data_notifications_partition_heal_and_death_across_hosts() {
     let Some(ns) = &ns else {
         return;
     };
-    // Partition in the middle of a transfer: the post fails (no hang) once the peer's host
-    // has acknowledged nothing for `unreachable_ms` (1.5 s by default). 1 GiB (the same
-    // 16 MiB 64 times) is still in flight when `ip` has cut the link.
-    let big = a
-        .create_xfer_req(
+    // A WRITE of 1 GiB (the same 16 MiB 64 times): still in flight when `ip` has cut the link
+    // or the peer was killed.
+    let gib_write = |a: &Agent, peer: &PeerProcess| {
+        a.create_xfer_req(
             XferOp::Write,
             &list(vec![local.whole(); 64]),
             &list(vec![Desc::new(peer.base, LEN as u64, 0); 64]),
             &peer.name,
             &XferOptions::default(),
         )
-        .unwrap();
+        .unwrap()
+    };
+    // Partition in the middle of a transfer: the post fails (no hang) once the peer's host
+    // has acknowledged nothing for `unreachable_ms` (1.5 s by default).
+    let big = gib_write(&a, &peer);
     big.post().unwrap();
     ns.partition().unwrap();
     let cut = Instant::now();
@@ -300,15 +303,7 @@ fn data_notifications_partition_heal_and_death_across_hosts() {
     // closes the connections, so the post fails at once, not after `unreachable_ms`.
     ns.heal().unwrap();
     a.load_remote_metadata(&peer.metadata).unwrap();
-    let doomed = a
-        .create_xfer_req(
-            XferOp::Write,
-            &list(vec![local.whole(); 64]),
-            &list(vec![Desc::new(peer.base, LEN as u64, 0); 64]),
-            &peer.name,
-            &XferOptions::default(),
-        )
-        .unwrap();
+    let doomed = gib_write(&a, &peer);
     doomed.post().unwrap();
     std::thread::sleep(Duration::from_millis(20));
     let killed = Instant::now();
