@@ -21,24 +21,7 @@ pub fn configure(
     deadline: Duration,
 ) -> io::Result<()> {
     s.set_nodelay(true)?;
-    let fd = s.as_raw_fd();
-    let set = |level: i32, opt: i32, v: i32| -> io::Result<()> {
-        // SAFETY: `v` is a valid c_int for the duration of the call; `fd` is our open socket.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd,
-                level,
-                opt,
-                &v as *const i32 as *const libc::c_void,
-                std::mem::size_of::<i32>() as libc::socklen_t,
-            )
-        };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
-    };
+    let set = |level: i32, opt: i32, v: i32| set_int(s, level, opt, v);
     set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)?;
     set(
         libc::IPPROTO_TCP,
@@ -140,17 +123,26 @@ pub const QUICKACK_PAYLOAD: usize = 16 << 10;
 /// 2 GB/s with this after each payload. The mode comes back with the next request, so callers
 /// ask again after every large payload. Best effort: a failure only costs the delay.
 pub fn quickack(s: &TcpStream) {
-    let on: i32 = 1;
-    // SAFETY: `on` is a valid c_int for the duration of the call; `s` is our open socket.
-    unsafe {
+    let _ = set_int(s, libc::IPPROTO_TCP, libc::TCP_QUICKACK, 1);
+}
+
+/// Sets an integer socket option on `s`.
+fn set_int(s: &TcpStream, level: i32, opt: i32, v: i32) -> io::Result<()> {
+    // SAFETY: `v` is a valid c_int for the duration of the call; `s` is our open socket.
+    let rc = unsafe {
         libc::setsockopt(
             s.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_QUICKACK,
-            (&on as *const i32).cast(),
+            level,
+            opt,
+            (&v as *const i32).cast(),
             std::mem::size_of::<i32>() as libc::socklen_t,
         )
     };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// How long ago the peer's kernel last acknowledged anything on `s`.
