@@ -32,6 +32,19 @@
 //! complete whatever nobody waits for. Standalone notifications are not acknowledged (one
 //! segment and one wake-up less per notification).
 //!
+//! ## Bandwidth: keep the bytes in cache
+//!
+//! Between processes on one machine every byte is copied twice, into the socket and out of
+//! it, and when the data outgrow the caches the second copy's cost depends on whether the
+//! bytes it reads are still cached. A connection therefore has two send-buffer sizes: 4 MiB
+//! normally (a burst goes into the socket in one call), and a small one while it streams a
+//! share of 2 MiB or more, so that the writer stays just ahead of the reader (for a READ the
+//! request carries a flag and the target paces its answers). The small size is the path's
+//! minimum round trip times 8 GB/s, at least 128 KiB, so a long path is never slowed. This
+//! took batched 16 × 4-16 MiB transfers on loopback from 3.5-4.9 to 6.7-7.5 GB/s.
+//!
+//! ## Liveness
+//!
 //! Liveness has three cases, told apart by what the peer's kernel still does:
 //! - A killed peer's sockets are closed by its kernel, so the reader thread blocked on the
 //!   connection sees end-of-stream at once and the agent invalidates the peer (milliseconds).

@@ -412,6 +412,8 @@ struct Serving {
     signalled: bool,
     /// Set once the connection is over (by whoever found out).
     end: Option<End>,
+    /// Whether the socket's send buffer is the paced one ([`wire::F_PACED`]).
+    paced: bool,
 }
 
 impl Serving {
@@ -592,6 +594,7 @@ fn serve(shared: &Arc<Shared>, stream: TcpStream) {
             out: Vec::new(),
             signalled: false,
             end: None,
+            paced: false,
         }),
     });
     shared.inbound.add(c.clone());
@@ -916,6 +919,11 @@ fn serve_frame(
                     },
                 ];
                 let deadline = Some(frame_deadline(shared, h.size));
+                let pace = h.flags & wire::F_PACED != 0;
+                if pace != st.paced {
+                    sock::pace(stream, pace);
+                    st.paced = pace;
+                }
                 // SAFETY: the data range lies inside a live registration (checked) that
                 // stays registered while `region` is held; writev only reads it.
                 unsafe { sock::writev_until(stream, &mut iov, deadline) }

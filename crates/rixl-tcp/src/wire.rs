@@ -21,8 +21,8 @@ use rixl_core::codec::{Reader, Writer};
 use rixl_core::{Error, Result};
 
 /// Protocol version carried in the hello. 2: standalone notifications are not acknowledged
-/// ([`F_NOACK`]).
-pub const VERSION: u16 = 2;
+/// ([`F_NOACK`]). 3: READs may ask for paced answers ([`F_PACED`]).
+pub const VERSION: u16 = 3;
 /// First byte of every frame.
 pub const MAGIC: u8 = 0xA7;
 /// Size of a frame header.
@@ -42,7 +42,10 @@ pub const F_COUNTED: u16 = 1;
 /// acknowledge. Nothing waits for it, and an acknowledgement would cost a TCP segment on each
 /// side and a wake-up of the initiator's reader thread per notification.
 pub const F_NOACK: u16 = 2;
-const KNOWN_FLAGS: u16 = F_COUNTED | F_NOACK;
+/// Flag (READs only): the READ belongs to a long stream of data the initiator asked for on
+/// this connection, which the target sends through a small socket buffer (`sock::pace`).
+pub const F_PACED: u16 = 4;
+const KNOWN_FLAGS: u16 = F_COUNTED | F_NOACK | F_PACED;
 
 /// What a frame is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -227,7 +230,9 @@ impl Header {
             post: u64_at(40),
         };
         let len64 = u64::from(len);
-        if flags & F_NOACK != 0 && kind != Kind::Notif {
+        if (flags & F_NOACK != 0 && kind != Kind::Notif)
+            || (flags & F_PACED != 0 && kind != Kind::Read)
+        {
             return Err(WireError::BadFlags(flags));
         }
         let ok = match kind {
@@ -435,6 +440,24 @@ mod tests {
             assert_eq!(
                 Header::parse(&h.encode()),
                 Err(WireError::BadFlags(F_NOACK)),
+                "{kind:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_reads_may_ask_for_paced_answers() {
+        let mut r = Header::new(Kind::Read);
+        r.flags = F_PACED | F_COUNTED;
+        r.size = 1 << 20;
+        assert_eq!(Header::parse(&r.encode()), Ok(r));
+        for kind in [Kind::Write, Kind::Notif, Kind::Ack, Kind::Data, Kind::Bye] {
+            let mut h = Header::new(kind);
+            h.flags = F_PACED;
+            h.len = u32::from(matches!(kind, Kind::Write | Kind::Data));
+            assert_eq!(
+                Header::parse(&h.encode()),
+                Err(WireError::BadFlags(F_PACED)),
                 "{kind:?}"
             );
         }

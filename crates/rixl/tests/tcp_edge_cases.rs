@@ -6,7 +6,8 @@
 //! connection is read: by its backend thread, by threads waiting for their posts, by threads
 //! polling `status()`, and on the target by threads waiting for notifications, all at once on
 //! the same connections; a peer dying while a waiting thread reads; a stalled peer that must
-//! not hold a notification waiter.
+//! not hold a notification waiter. Paced (large) and unpaced posts alternating on the same
+//! connections.
 
 #![cfg(feature = "tcp")]
 
@@ -988,4 +989,110 @@ fn quiet_live_peer(params: &[(&str, &str)]) {
     req.post().unwrap();
     req.wait(Some(Duration::from_secs(10))).unwrap();
     dst.assert_range(0, &pattern(9, 0, 4096), "written after the quiet");
+}
+
+/// Large shares are paced (a small socket buffer: the initiator's for WRITE, the target's for
+/// READ answers, asked for with a frame flag) and small ones are not. Posts of both kinds
+/// alternate on the same connections here, with one connection and with two, and every byte
+/// must land where it belongs: the flag must not disturb the framing, and a connection must
+/// switch back and forth.
+#[test]
+fn paced_and_unpaced_posts_alternate_on_one_connection() {
+    for conns in ["1", "2"] {
+        const BLOCK: usize = 1 << 20;
+        const N: usize = 16;
+        let src = TestBuffer::with_pattern(N * BLOCK, 31);
+        let back = TestBuffer::new(N * BLOCK);
+        let dst = TestBuffer::new(N * BLOCK);
+        let a = agent_with("tcp-pace-a", &[("connections", conns)]);
+        let b = agent_with("tcp-pace-b", &[("connections", conns)]);
+        // SAFETY: the buffers are declared before the agents and outlive them.
+        unsafe {
+            a.register_mem(&src.reg_list(), &[]).unwrap();
+            a.register_mem(&back.reg_list(), &[]).unwrap();
+            b.register_mem(&dst.reg_list(), &[]).unwrap();
+        }
+        a.load_remote_metadata(&b.local_metadata().unwrap())
+            .unwrap();
+        // 16 blocks, the remote side in reverse order (no merging): 8 or 16 MiB per share.
+        let blocks = |buf: &TestBuffer, reverse: bool| {
+            list(
+                (0..N)
+                    .map(|i| buf.desc(if reverse { N - 1 - i } else { i } * BLOCK, BLOCK))
+                    .collect(),
+            )
+        };
+        let run = |op, local: Desc, remote: Desc| {
+            let req = a
+                .create_xfer_req(
+                    op,
+                    &list(vec![local]),
+                    &list(vec![remote]),
+                    b.name(),
+                    &XferOptions::default(),
+                )
+                .unwrap();
+            req.post().unwrap();
+            req.wait(Some(Duration::from_secs(30))).unwrap();
+        };
+        let big_write = a
+            .create_xfer_req(
+                XferOp::Write,
+                &blocks(&src, false),
+                &blocks(&dst, true),
+                b.name(),
+                &XferOptions::default(),
+            )
+            .unwrap();
+        let big_read = a
+            .create_xfer_req(
+                XferOp::Read,
+                &blocks(&back, false),
+                &blocks(&dst, true),
+                b.name(),
+                &XferOptions::default(),
+            )
+            .unwrap();
+        for round in 0..2 {
+            big_write.post().unwrap();
+            big_write.wait(Some(Duration::from_secs(30))).unwrap();
+            for i in 0..N {
+                dst.assert_range(
+                    (N - 1 - i) * BLOCK,
+                    &pattern(31, (i * BLOCK) as u64, BLOCK),
+                    &format!("round {round}, {conns} connection(s): written block {i}"),
+                );
+            }
+            // Small posts on the same connections: a 4 KiB WRITE over the first block, then a
+            // 64 KiB READ of it.
+            run(
+                XferOp::Write,
+                src.desc(N * BLOCK - 4096, 4096),
+                dst.desc(0, 4096),
+            );
+            run(XferOp::Read, back.desc(0, 65536), dst.desc(0, 65536));
+            let mut want = pattern(31, (N * BLOCK - 4096) as u64, 4096);
+            want.extend(pattern(31, ((N - 1) * BLOCK + 4096) as u64, 65536 - 4096));
+            back.assert_range(
+                0,
+                &want,
+                &format!("round {round}: small READ after small WRITE"),
+            );
+            big_read.post().unwrap();
+            big_read.wait(Some(Duration::from_secs(30))).unwrap();
+            for i in 0..N {
+                let mut want = pattern(31, (i * BLOCK) as u64, BLOCK);
+                if i == N - 1 {
+                    want[..4096].copy_from_slice(&pattern(31, (N * BLOCK - 4096) as u64, 4096));
+                }
+                back.assert_range(
+                    i * BLOCK,
+                    &want,
+                    &format!("round {round}, {conns} connection(s): read block {i}"),
+                );
+            }
+        }
+        drop(a);
+        drop(b);
+    }
 }
