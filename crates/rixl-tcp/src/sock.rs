@@ -157,8 +157,13 @@ pub fn paced_buffer(s: &TcpStream) -> Option<i32> {
     if len < needed {
         return None;
     }
+    paced_size(info.tcpi_min_rtt)
+}
+
+/// The paced send buffer for a path whose minimum round trip is `min_rtt_us`.
+fn paced_size(min_rtt_us: u32) -> Option<i32> {
     // An unmeasured minimum reads as u32::MAX, which lands above SEND_BUFFER.
-    let bytes = (u64::from(info.tcpi_min_rtt) * PACE_BYTES_PER_RTT_US).max(PACE_MIN_BUFFER);
+    let bytes = (u64::from(min_rtt_us) * PACE_BYTES_PER_RTT_US).max(PACE_MIN_BUFFER);
     (bytes < SEND_BUFFER as u64).then_some(bytes as i32)
 }
 
@@ -689,6 +694,18 @@ mod tests {
         };
         assert_eq!(rc, 0, "{}", io::Error::last_os_error());
         v
+    }
+
+    #[test]
+    fn the_paced_buffer_follows_the_round_trip() {
+        // Loopback and veth (3-16 us): the floor.
+        assert_eq!(paced_size(3), Some(128 << 10));
+        assert_eq!(paced_size(16), Some(128 << 10));
+        // A datacenter path keeps 8 GB/s of bandwidth-delay product in flight.
+        assert_eq!(paced_size(100), Some(800 << 10));
+        // Long or unmeasured paths are not paced at all.
+        assert_eq!(paced_size(512), None);
+        assert_eq!(paced_size(u32::MAX), None);
     }
 
     #[test]
