@@ -79,16 +79,16 @@ const WAITER_PUMP_BYTES: usize = 1 << 20;
 /// How long a waiting thread reads its post's connection itself before leaving it to the
 /// reader thread (and sleeping on the completion after its own short spin).
 const WAITER_SPIN: Duration = Duration::from_micros(200);
-/// A connection's share of a post of at least this many bytes is paced (`sock::pace`): a
-/// WRITE share goes out through a small send buffer, a READ share asks the target to answer
-/// through one. Pacing pays when the data outgrow the caches (see `sock::pace`), and costs
-/// when a share would otherwise go into the socket in one call: the writer then sleeps
-/// mid-share. Measured on loopback (medians of 3 interleaved rounds): shares of 512 KiB lose
-/// (WRITE 1 × 1 MiB: 7.5 → 4.3 GB/s); shares of 2 MiB gain (WRITE 1 × 4 MiB 7.1 → 10.5,
-/// WRITE 16 × 256 KiB 6.5 → 9.7, READ 16 × 256 KiB 4.6 → 6.1), as do larger ones. Across a
-/// veth pair the 2 MiB READ rows gain too (2.9 → 4.0 GB/s) and the WRITE rows swing between
-/// rounds by 2-3x whether paced or not.
-const PACE_SHARE: u64 = 2 << 20;
+/// The default of `pace_min_bytes`: a connection's share of a post of at least this many bytes
+/// is paced (`sock::pace`): a WRITE share goes out through a small send buffer, a READ share
+/// asks the target to answer through one. Pacing pays when the data outgrow the caches (see
+/// `sock::pace`), and costs when a share would otherwise go into the socket in one call: the
+/// writer then sleeps mid-share. Measured on loopback (medians of 3 interleaved rounds):
+/// shares of 512 KiB lose (WRITE 1 × 1 MiB: 7.5 → 4.3 GB/s); shares of 2 MiB gain (WRITE 1 ×
+/// 4 MiB 7.1 → 10.5, WRITE 16 × 256 KiB 6.5 → 9.7, READ 16 × 256 KiB 4.6 → 6.1), as do larger
+/// ones. Across a veth pair the 2 MiB READ rows gain too (2.9 → 4.0 GB/s) and the WRITE rows
+/// swing between rounds by 2-3x whether paced or not.
+pub(crate) const PACE_SHARE: u64 = 2 << 20;
 
 /// One peer we can reach.
 #[derive(Debug)]
@@ -1155,7 +1155,7 @@ impl TcpXfer {
             .collect();
         let paced = lists
             .iter()
-            .map(|l| l.iter().map(|f| f.len).sum::<u64>() >= PACE_SHARE)
+            .map(|l| shared.pace_min > 0 && l.iter().map(|f| f.len).sum::<u64>() >= shared.pace_min)
             .collect();
         TcpXfer {
             inner: Arc::new(XferInner {

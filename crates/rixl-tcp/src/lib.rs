@@ -38,10 +38,11 @@
 //! it, and when the data outgrow the caches the second copy's cost depends on whether the
 //! bytes it reads are still cached. A connection therefore has two send-buffer sizes: 4 MiB
 //! normally (a burst goes into the socket in one call), and a small one while it streams a
-//! share of 2 MiB or more, so that the writer stays just ahead of the reader (for a READ the
-//! request carries a flag and the target paces its answers). The small size is the path's
-//! minimum round trip times 8 GB/s, at least 128 KiB, so a long path is never slowed. This
-//! took batched 16 × 4-16 MiB transfers on loopback from 3.5-4.9 to 6.7-7.5 GB/s.
+//! share of `pace_min_bytes` (2 MiB) or more, so that the writer stays just ahead of the
+//! reader (for a READ the request carries a flag and the target paces its answers). The small
+//! size is the path's minimum round trip times 8 GB/s, at least 128 KiB, so a long path is
+//! never slowed. This took batched 16 × 4-16 MiB transfers on loopback from 3.9-4.9 to
+//! 6.7-7.5 GB/s.
 //!
 //! ## Liveness
 //!
@@ -97,6 +98,7 @@
 //! | `connections` | 2 | connections per peer (1..=64) |
 //! | `stripe_min_bytes` | 262144 | posts larger than this are striped over every connection |
 //! | `chunk_bytes` | 1048576 | largest piece of a striped post |
+//! | `pace_min_bytes` | 2097152 | a connection's share of a post this large or larger is paced through a small send buffer (0: never) |
 //! | `keepalive_secs` | 1 | quiet time before keepalive probes start (then one per second) |
 //! | `unreachable_ms` | 1500 | silence of the peer's kernel after which its host counts as gone (`RemoteDisconnect`) |
 //! | `deadline_ms` | 5000 | silence of a reachable peer after which requests fail (`Timeout`) |
@@ -137,6 +139,7 @@ pub const FACTORY: BackendFactory = BackendFactory {
         ("deadline_ms", "5000"),
         ("stripe_min_bytes", "262144"),
         ("chunk_bytes", "1048576"),
+        ("pace_min_bytes", "2097152"),
     ],
     create,
 };
@@ -156,6 +159,9 @@ fn create(ctx: BackendContext) -> Result<Arc<dyn Backend>> {
     let deadline_ms: u64 = ctx.param("deadline_ms")?.unwrap_or(5000);
     let stripe_min: u64 = ctx.param("stripe_min_bytes")?.unwrap_or(256 << 10);
     let chunk: u64 = ctx.param("chunk_bytes")?.unwrap_or(1 << 20);
+    let pace_min: u64 = ctx
+        .param("pace_min_bytes")?
+        .unwrap_or(initiator::PACE_SHARE);
     if !(1..=64).contains(&connections) {
         return Err(Error::invalid_param("TCP connections must be 1..=64"));
     }
@@ -205,6 +211,7 @@ fn create(ctx: BackendContext) -> Result<Arc<dyn Backend>> {
         connections,
         stripe_min,
         chunk,
+        pace_min,
         spinners: AtomicUsize::new(0),
         // At most half the cores: the rest run the threads that produce the requests.
         max_spinners: std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)),
@@ -224,6 +231,7 @@ fn create(ctx: BackendContext) -> Result<Arc<dyn Backend>> {
         ("deadline_ms", deadline_ms.to_string()),
         ("stripe_min_bytes", stripe_min.to_string()),
         ("chunk_bytes", chunk.to_string()),
+        ("pace_min_bytes", pace_min.to_string()),
     ] {
         params.insert(k.into(), v);
     }
@@ -282,6 +290,8 @@ pub struct Shared {
     connections: usize,
     stripe_min: u64,
     chunk: u64,
+    /// Shares of at least this many bytes are paced (0: never; see `sock::pace`).
+    pace_min: u64,
     /// Server threads spinning for their next request right now, and how many may.
     spinners: AtomicUsize,
     max_spinners: usize,

@@ -893,11 +893,13 @@ fn liveness_parameters_are_reported_and_validated() {
     assert_eq!(p["unreachable_ms"], "1500");
     assert_eq!(p["keepalive_secs"], "1");
     assert_eq!(p["deadline_ms"], "5000");
+    assert_eq!(p["pace_min_bytes"], "2097152");
     for (k, v) in [
         ("unreachable_ms", "0"),
         ("unreachable_ms", "soon"),
         ("unreachable_ms", "4294967296"),
         ("keepalive_secs", "0"),
+        ("pace_min_bytes", "-1"),
     ] {
         let params: rixl::Params = [(k.to_owned(), v.to_owned())].into_iter().collect();
         let e = Agent::new(
