@@ -49,11 +49,26 @@ pub fn monotonic_nanos() -> u64 {
     base.elapsed().as_nanos() as u64
 }
 
+/// Runs once at the end of every post, whichever way it ends; see [`Completion::with_on_end`].
+pub type OnEnd = Box<dyn Fn() + Send + Sync>;
+
+#[derive(Default)]
+struct EndHook(Option<OnEnd>);
+
+impl std::fmt::Debug for EndHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "Some(..)" } else { "None" })
+    }
+}
+
 /// The per-request completion cell. See the module documentation.
 #[derive(Debug, Default)]
 pub struct Completion {
     /// `seq << 2 | status`.
     state: AtomicU64,
+    /// Called once per post, right after it left the in-progress state (the agent releases the
+    /// post's hold on its registered regions here).
+    on_end: EndHook,
     /// Nanoseconds ([`monotonic_nanos`]) at which the current post completed.
     done_at: AtomicU64,
     waiters: AtomicUsize,
@@ -79,6 +94,15 @@ impl Completion {
     /// A cell that has never been posted.
     pub fn new() -> Arc<Completion> {
         Arc::new(Completion::default())
+    }
+
+    /// A cell that runs `on_end` exactly once for every post that began, when it completes,
+    /// fails or is aborted, before any waiter is woken. The hook must not block.
+    pub fn with_on_end(on_end: OnEnd) -> Arc<Completion> {
+        Arc::new(Completion {
+            on_end: EndHook(Some(on_end)),
+            ..Completion::default()
+        })
     }
 
     /// Starts a new post: fails with `RepostActive` if one is still in progress.
@@ -243,6 +267,9 @@ impl Completion {
             }
         }
         self.done_at.store(monotonic_nanos(), Ordering::Release);
+        if let Some(hook) = &self.on_end.0 {
+            hook();
+        }
         // The SeqCst state change above and the SeqCst increment in `wait`/`poll_done` order
         // each other: either the waiter sees the new state or we see the waiter.
         if self.waiters.load(Ordering::SeqCst) > 0 {
@@ -326,6 +353,31 @@ mod tests {
             c.wait(Some(Duration::ZERO)).unwrap_err().kind(),
             ErrorKind::RemoteDisconnect
         );
+    }
+
+    #[test]
+    fn on_end_runs_once_per_post_whichever_way_it_ends() {
+        let ended = Arc::new(AtomicUsize::new(0));
+        let count = ended.clone();
+        let c = Completion::with_on_end(Box::new(move || {
+            count.fetch_add(1, Ordering::SeqCst);
+        }));
+        let h = c.begin().unwrap();
+        assert_eq!(ended.load(Ordering::SeqCst), 0);
+        assert!(h.complete(Ok(())));
+        assert!(!h.complete(Ok(())));
+        assert_eq!(ended.load(Ordering::SeqCst), 1);
+        let h2 = c.begin().unwrap();
+        assert!(c.abort(Error::canceled("stop")));
+        assert!(
+            !h2.complete(Ok(())),
+            "a completion after the abort is ignored"
+        );
+        assert_eq!(ended.load(Ordering::SeqCst), 2);
+        let h3 = c.begin().unwrap();
+        assert!(h3.complete(Err(Error::backend("failed"))));
+        assert!(!c.abort(Error::canceled("too late")));
+        assert_eq!(ended.load(Ordering::SeqCst), 3);
     }
 
     #[test]

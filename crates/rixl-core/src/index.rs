@@ -148,6 +148,22 @@ impl<T> RegIndex<T> {
             .map(|p| start + p)
     }
 
+    /// Position of the first registration that equals `desc` exactly and whose payload
+    /// satisfies `pred` (with overlaps allowed, the same range can be registered twice).
+    pub fn find_exact_where(&self, desc: &Desc, pred: impl Fn(&T) -> bool) -> Option<usize> {
+        let start = self.lower_bound(desc.dev, desc.addr);
+        self.entries[start..]
+            .iter()
+            .take_while(|e| e.desc.dev == desc.dev && e.desc.addr == desc.addr)
+            .position(|e| e.desc.len == desc.len && pred(&e.value))
+            .map(|p| start + p)
+    }
+
+    /// Removes the registration at position `i` (from a `find_*` call) and returns its payload.
+    pub fn remove_at(&mut self, i: usize) -> T {
+        self.entries.remove(i).value
+    }
+
     /// Removes the registration that equals `desc` exactly and returns its payload.
     pub fn remove_exact(&mut self, desc: &Desc) -> Option<T> {
         let i = self.find_exact(desc)?;

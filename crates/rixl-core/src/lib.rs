@@ -9,9 +9,12 @@
 //! - the [`RegIndex`] that finds the registration covering a descriptor by binary search;
 //! - the metadata blob ([`AgentMetadata`]) and the bounds-checked [`codec`] under it;
 //! - the request [`Completion`] cell and the [`NotifQueue`];
-//! - the [`Backend`] trait every transport and storage engine implements.
+//! - plain data shared with backends: [`Params`], [`Capabilities`], resolved [`Segment`]s and
+//!   [`CostEstimate`]s.
 //!
 //! The crate forbids `unsafe`: everything that touches memory by address lives in a backend.
+//! The `Backend` trait itself is in `rixl-backend`, since its address-taking calls are
+//! `unsafe fn`s.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -28,10 +31,7 @@ pub mod notif;
 pub mod op;
 pub mod segments;
 
-pub use backend::{
-    AgentHooks, Backend, BackendContext, BackendFactory, BackendXfer, Capabilities, CostEstimate,
-    CostMethod, LocalRegion, Params, PostOutcome, Segment, XferSpec,
-};
+pub use backend::{Capabilities, CostEstimate, CostMethod, Params, Segment};
 pub use completion::{Completion, CompletionFuture, CompletionHandle, XferStatus};
 pub use desc::{Desc, RegDesc, RegDescList, StridedDesc, XferDescList};
 pub use error::{Error, ErrorKind, Result};

@@ -150,10 +150,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
-use rixl_core::{
-    Backend, BackendContext, BackendFactory, BackendXfer, Capabilities, CompletionHandle, Error,
-    LocalRegion, MemType, Params, PostOutcome, RegDesc, Result, XferOp, XferSpec,
+use rixl_backend::{
+    Backend, BackendContext, BackendFactory, BackendXfer, LocalRegion, PostOutcome, XferSpec,
 };
+use rixl_core::{Capabilities, CompletionHandle, Error, MemType, Params, RegDesc, Result, XferOp};
 
 use crate::engine::Engine;
 use crate::params::{Config, EngineChoice};
@@ -467,7 +467,7 @@ impl Backend for Posix {
         local == MemType::Dram && matches!(target, MemType::File | MemType::Blk)
     }
 
-    fn register(&self, mem: MemType, desc: &RegDesc) -> Result<LocalRegion> {
+    unsafe fn register(&self, mem: MemType, desc: &RegDesc) -> Result<LocalRegion> {
         let token = self.next_token.fetch_add(1, Ordering::Relaxed);
         match mem {
             // Host memory needs no state: the agent validated it and gives us its addresses.
@@ -513,7 +513,7 @@ impl Backend for Posix {
         }
     }
 
-    fn prepare_xfer(&self, spec: XferSpec<'_>) -> Result<Box<dyn BackendXfer>> {
+    unsafe fn prepare_xfer(&self, spec: XferSpec<'_>) -> Result<Box<dyn BackendXfer>> {
         let plan = self.build_plan(&spec)?;
         Ok(Box::new(self.xfer_for(plan)))
     }

@@ -91,14 +91,25 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
         .collect()
 }
 
+/// Registers a DRAM buffer. Every caller passes a buffer that it keeps alive, untouched by
+/// anything but the backend, until its transfers have ended.
 fn dram(b: &Posix, addr: u64, len: u64) -> u64 {
-    b.register(MemType::Dram, &RegDesc::new(addr, len, 0))
+    // SAFETY: see above; the tests play the agent and uphold `Backend::register`'s contract.
+    unsafe { b.register(MemType::Dram, &RegDesc::new(addr, len, 0)) }
         .unwrap()
         .token
 }
 
+/// Registers a file: storage, which carries no memory obligation.
+fn storage(b: &Posix, mem: MemType, desc: &RegDesc) -> Result<LocalRegion> {
+    // SAFETY: FILE (and the refused VRAM probe) name no memory of this process that the
+    // backend could touch: `Backend::register`'s obligation applies to memory types only,
+    // and a VRAM registration is refused before anything is touched.
+    unsafe { b.register(mem, desc) }
+}
+
 fn file(b: &Posix, f: &TmpFile, mode: &str) -> u64 {
-    b.register(MemType::File, &RegDesc::with_meta(0, 0, 1, f.meta(mode)))
+    storage(b, MemType::File, &RegDesc::with_meta(0, 0, 1, f.meta(mode)))
         .unwrap()
         .token
 }
@@ -290,10 +301,13 @@ fn access_mode_is_enforced_at_prepare() {
     // fd mode: a write-only descriptor refuses READ.
     let wo = std::fs::OpenOptions::new().write(true).open(&f.0).unwrap();
     use std::os::fd::AsRawFd;
-    let wt = b
-        .register(MemType::File, &RegDesc::new(0, 0, wo.as_raw_fd() as u64))
-        .unwrap()
-        .token;
+    let wt = storage(
+        &b,
+        MemType::File,
+        &RegDesc::new(0, 0, wo.as_raw_fd() as u64),
+    )
+    .unwrap()
+    .token;
     let e = plan(&b, XferOp::Read, s, wt, &[(src.as_ptr() as u64, 0, 16)]).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::NotAllowed, "{e}");
     assert!(plan(&b, XferOp::Write, s, wt, &[(src.as_ptr() as u64, 0, 16)]).is_ok());
@@ -303,10 +317,13 @@ fn access_mode_is_enforced_at_prepare() {
         .append(true)
         .open(&f.0)
         .unwrap();
-    let at = b
-        .register(MemType::File, &RegDesc::new(0, 0, ap.as_raw_fd() as u64))
-        .unwrap()
-        .token;
+    let at = storage(
+        &b,
+        MemType::File,
+        &RegDesc::new(0, 0, ap.as_raw_fd() as u64),
+    )
+    .unwrap()
+    .token;
     let e = plan(&b, XferOp::Write, s, at, &[(src.as_ptr() as u64, 0, 16)]).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::NotAllowed, "{e}");
     assert!(e.to_string().contains("O_APPEND"), "{e}");
@@ -482,7 +499,7 @@ fn unsupported_transfers_and_params() {
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::NotSupported, "{e}");
     assert_eq!(
-        b.register(MemType::Vram, &RegDesc::new(1, 1, 0))
+        storage(&b, MemType::Vram, &RegDesc::new(1, 1, 0))
             .unwrap_err()
             .kind(),
         ErrorKind::NotSupported

@@ -45,10 +45,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::{Condvar, Mutex};
+use rixl_backend::{
+    Backend, BackendContext, BackendFactory, BackendXfer, LocalRegion, PostOutcome, XferSpec,
+};
 use rixl_core::{
-    Backend, BackendContext, BackendFactory, BackendXfer, Capabilities, CompletionHandle,
-    CostEstimate, CostMethod, Desc, Error, ErrorKind, LocalRegion, MemType, Params, PostOutcome,
-    RegDesc, Result, Segment, SegmentVec, XferOp, XferSpec,
+    Capabilities, CompletionHandle, CostEstimate, CostMethod, Desc, Error, ErrorKind, MemType,
+    Params, RegDesc, Result, Segment, SegmentVec, XferOp,
 };
 
 pub use host::{ConnInfo, HostIdentity};
@@ -949,7 +951,7 @@ impl Backend for Shm {
         self.params.clone()
     }
 
-    fn register(&self, mem: MemType, desc: &RegDesc) -> Result<LocalRegion> {
+    unsafe fn register(&self, mem: MemType, desc: &RegDesc) -> Result<LocalRegion> {
         if mem != MemType::Dram {
             return Err(Error::not_supported(format!(
                 "SHM cannot register {mem} memory"
@@ -1046,7 +1048,7 @@ impl Backend for Shm {
         }
     }
 
-    fn prepare_xfer(&self, spec: XferSpec<'_>) -> Result<Box<dyn BackendXfer>> {
+    unsafe fn prepare_xfer(&self, spec: XferSpec<'_>) -> Result<Box<dyn BackendXfer>> {
         if spec.local_mem != MemType::Dram || spec.remote_mem != MemType::Dram {
             return Err(Error::not_supported("SHM moves DRAM only"));
         }

@@ -46,11 +46,9 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
+use rixl_backend::{BackendXfer, PostOutcome};
 use rixl_core::completion::monotonic_nanos;
-use rixl_core::{
-    BackendXfer, CompletionHandle, CostEstimate, CostMethod, Error, ErrorKind, PostOutcome, Result,
-    XferOp,
-};
+use rixl_core::{CompletionHandle, CostEstimate, CostMethod, Error, ErrorKind, Result, XferOp};
 
 use crate::sock;
 use crate::wire::{self, ConnInfo, ErrCode, Header, Hello, Kind, HEADER_LEN};

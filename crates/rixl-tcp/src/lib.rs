@@ -116,10 +116,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use rixl_core::{
-    Backend, BackendContext, BackendFactory, BackendXfer, Capabilities, Desc, Error, ErrorKind,
-    LocalRegion, MemType, Params, RegDesc, Result, XferSpec,
-};
+use rixl_backend::{Backend, BackendContext, BackendFactory, BackendXfer, LocalRegion, XferSpec};
+use rixl_core::{Capabilities, Desc, Error, ErrorKind, MemType, Params, RegDesc, Result};
 
 use initiator::Peer;
 pub use wire::ConnInfo;
@@ -402,7 +400,7 @@ impl Backend for Tcp {
         self.params.clone()
     }
 
-    fn register(&self, mem: MemType, desc: &RegDesc) -> Result<LocalRegion> {
+    unsafe fn register(&self, mem: MemType, desc: &RegDesc) -> Result<LocalRegion> {
         if mem != MemType::Dram {
             return Err(Error::not_supported(format!(
                 "TCP cannot register {mem} memory"
@@ -496,7 +494,7 @@ impl Backend for Tcp {
         self.teardown();
     }
 
-    fn prepare_xfer(&self, spec: XferSpec<'_>) -> Result<Box<dyn BackendXfer>> {
+    unsafe fn prepare_xfer(&self, spec: XferSpec<'_>) -> Result<Box<dyn BackendXfer>> {
         if spec.local_mem != MemType::Dram || spec.remote_mem != MemType::Dram {
             return Err(Error::not_supported("TCP moves DRAM only"));
         }

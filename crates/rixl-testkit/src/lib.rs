@@ -334,6 +334,7 @@ macro_rules! __with_cases {
             restarted_peer_not_allowed_until_invalidated,
             local_deregistration_makes_requests_stale,
             target_deregistration_is_not_written,
+            deregistration_waits_for_posts_in_flight,
             // lifecycle
             cancel_completed_is_noop,
             request_outlives_agent,

@@ -12,9 +12,9 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use parking_lot::RwLock;
+use rixl_backend::{AgentHooks, Backend, BackendContext};
 use rixl_core::{
-    AgentHooks, Backend, BackendContext, Capabilities, Desc, Error, MemType, NotifQueue,
-    Notification, Params, RegDescList, Result,
+    Capabilities, Desc, Error, MemType, NotifQueue, Notification, Params, RegDescList, Result,
 };
 
 use crate::config::AgentConfig;
@@ -44,8 +44,6 @@ pub(crate) struct AgentInner {
     pub alive: AtomicBool,
     pub backends: RwLock<Vec<BackendSlot>>,
     pub regs: RwLock<LocalRegs>,
-    /// Bumped by every deregistration; requests built before re-check their regions.
-    pub reg_epoch: AtomicU64,
     pub next_reg_id: AtomicU64,
     pub remotes: RwLock<HashMap<String, Arc<RemoteEntry>>>,
     pub notifs: Arc<NotifQueue>,
@@ -99,7 +97,6 @@ impl Agent {
                 alive: AtomicBool::new(true),
                 backends: RwLock::new(Vec::new()),
                 regs: RwLock::new(LocalRegs::default()),
-                reg_epoch: AtomicU64::new(0),
                 next_reg_id: AtomicU64::new(1),
                 remotes: RwLock::new(HashMap::new()),
                 notifs: NotifQueue::new(),
@@ -579,6 +576,29 @@ impl Drop for Agent {
             inner.invalidate_remote(&n);
         }
         let slots = inner.backends.read().clone();
+        // Fence every region as `deregister_mem` does: close them to new posts and wait
+        // (bounded) for the posts in flight, so that nothing moves after the agent is gone.
+        let fences: Vec<_> = {
+            let regs = inner.regs.read();
+            regs.sections
+                .iter()
+                .flat_map(|s| s.index.entries().iter().map(|e| e.value.fence.clone()))
+                .collect()
+        };
+        fences.iter().for_each(|f| {
+            f.close();
+        });
+        let deadline = std::time::Instant::now() + inner.config.deregister_timeout;
+        let busy = crate::fence::wait_idle(&fences, deadline);
+        if !busy.is_empty() {
+            tracing::error!(
+                agent = %inner.name,
+                "dropping the agent: {} region(s) are still used by posts in flight after {:?}; \
+                 deregistering them anyway",
+                busy.len(),
+                inner.config.deregister_timeout
+            );
+        }
         let mut regs = inner.regs.write();
         for section in regs.sections.iter_mut() {
             let backend = &slots[section.backend].backend;
@@ -588,9 +608,7 @@ impl Drop for Agent {
                 }
             }
         }
-        regs.live.clear();
         drop(regs);
-        inner.reg_epoch.fetch_add(1, Ordering::AcqRel);
         // Handles that outlive the agent keep backend objects alive: tell them to stop serving.
         for slot in &slots {
             slot.backend.shutdown();

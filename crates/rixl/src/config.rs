@@ -7,7 +7,7 @@ use rixl_core::Params;
 /// `AgentConfig::default()` creates no backend; name the ones you want with
 /// [`AgentConfig::backend`] or create them later with
 /// [`Agent::create_backend`](crate::Agent::create_backend).
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct AgentConfig {
     /// Backends created by the constructor, in preference order, with their parameters.
     pub backends: Vec<(String, Params)>,
@@ -29,6 +29,28 @@ pub struct AgentConfig {
     /// Shared secret authenticating every listener frame (all agents must use the same one).
     /// `RIXL_SHARED_SECRET` overrides this at construction.
     pub shared_secret: Option<Vec<u8>>,
+    /// How long `deregister_mem` (and dropping the agent) waits for posts in flight that use
+    /// the regions before it gives up with `Timeout`, leaving them registered. Default 10 s.
+    pub deregister_timeout: std::time::Duration,
+}
+
+/// The default [`AgentConfig::deregister_timeout`].
+pub const DEFAULT_DEREGISTER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl Default for AgentConfig {
+    fn default() -> AgentConfig {
+        AgentConfig {
+            backends: Vec::new(),
+            capture_telemetry: false,
+            progress_thread: false,
+            allow_overlapping_registrations: false,
+            listen: false,
+            listen_port: 0,
+            listen_addr: None,
+            shared_secret: None,
+            deregister_timeout: DEFAULT_DEREGISTER_TIMEOUT,
+        }
+    }
 }
 
 impl std::fmt::Debug for AgentConfig {
@@ -48,6 +70,7 @@ impl std::fmt::Debug for AgentConfig {
                 "shared_secret",
                 &self.shared_secret.as_ref().map(|_| "<set>"),
             )
+            .field("deregister_timeout", &self.deregister_timeout)
             .finish()
     }
 }
@@ -75,6 +98,13 @@ impl AgentConfig {
     /// Adds a backend to create at construction, with parameters.
     pub fn backend_with(mut self, name: &str, params: Params) -> AgentConfig {
         self.backends.push((name.to_owned(), params));
+        self
+    }
+
+    /// Sets how long deregistration waits for posts in flight (see
+    /// [`AgentConfig::deregister_timeout`]).
+    pub fn deregister_timeout(mut self, timeout: std::time::Duration) -> AgentConfig {
+        self.deregister_timeout = timeout;
         self
     }
 

@@ -39,6 +39,7 @@
 mod agent;
 pub mod config;
 mod copy;
+mod fence;
 pub mod listener;
 pub mod loopback;
 mod metadata;
@@ -48,7 +49,7 @@ mod remote;
 mod xfer;
 
 pub use agent::{Agent, INIT_AGENT, INIT_AGENT_NAME};
-pub use config::AgentConfig;
+pub use config::{AgentConfig, DEFAULT_DEREGISTER_TIMEOUT};
 pub use listener::DEFAULT_PORT;
 pub use rixl_core::{
     self as core, Capabilities, CostEstimate, CostMethod, Desc, Error, ErrorKind, MemType,

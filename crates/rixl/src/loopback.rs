@@ -20,11 +20,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 
 use parking_lot::{Mutex, RwLock};
+use rixl_backend::{
+    AgentHooks, Backend, BackendContext, BackendFactory, BackendXfer, LocalRegion, PostOutcome,
+    XferSpec,
+};
 use rixl_core::codec::{Reader, Writer};
 use rixl_core::{
-    AgentHooks, Backend, BackendContext, BackendFactory, BackendXfer, Capabilities,
-    CompletionHandle, CostEstimate, CostMethod, Desc, Error, LocalRegion, MemType, NotifSender,
-    Params, PostOutcome, RegDesc, Result, SegmentVec, XferOp, XferSpec,
+    Capabilities, CompletionHandle, CostEstimate, CostMethod, Desc, Error, MemType, NotifSender,
+    Params, RegDesc, Result, SegmentVec, XferOp,
 };
 
 /// The backend's name.
@@ -158,7 +161,7 @@ impl Backend for Loopback {
         self.params.clone()
     }
 
-    fn register(&self, mem: MemType, desc: &RegDesc) -> Result<LocalRegion> {
+    unsafe fn register(&self, mem: MemType, desc: &RegDesc) -> Result<LocalRegion> {
         if mem != MemType::Dram {
             return Err(Error::not_supported(format!(
                 "LOOPBACK cannot register {mem} memory"
@@ -244,7 +247,7 @@ impl Backend for Loopback {
         }
     }
 
-    fn prepare_xfer(&self, spec: XferSpec<'_>) -> Result<Box<dyn BackendXfer>> {
+    unsafe fn prepare_xfer(&self, spec: XferSpec<'_>) -> Result<Box<dyn BackendXfer>> {
         if spec.local_mem != MemType::Dram || spec.remote_mem != MemType::Dram {
             return Err(Error::not_supported("LOOPBACK moves DRAM only"));
         }

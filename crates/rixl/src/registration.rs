@@ -2,16 +2,19 @@
 //! paths of the agent.
 //!
 //! Both calls check everything before touching any backend (a refused call changes nothing),
-//! and registration rolls back a backend's part if one of its regions fails. Deregistration
-//! bumps the registration epoch, which is how requests built earlier notice (cheaply, on their
-//! next post) that a region they use may be gone.
+//! and registration rolls back a backend's part if one of its regions fails. Deregistration is
+//! fenced (see `fence`): it closes the regions to new posts, waits for the posts in flight that
+//! use them, and only then tells the backends, so no byte moves into or out of a region after
+//! `deregister_mem` returned. Requests built earlier see the closed fence on their next post.
 
-use std::collections::HashSet;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
 
 use rixl_core::{Desc, Error, MemType, RegDescList, RegIndex, Result};
 
 use crate::agent::{AgentInner, BackendSlot};
+use crate::fence::{self, RegionFence};
 
 /// One local registration in one backend.
 #[derive(Clone, Debug)]
@@ -23,6 +26,8 @@ pub(crate) struct LocalReg {
     /// Token to use when this agent is its own target.
     pub target_token: u64,
     pub public: Vec<u8>,
+    /// Posts in flight that use the region; deregistration waits for them.
+    pub fence: Arc<RegionFence>,
 }
 
 #[derive(Debug)]
@@ -35,8 +40,6 @@ pub(crate) struct LocalSection {
 #[derive(Debug, Default)]
 pub(crate) struct LocalRegs {
     pub sections: Vec<LocalSection>,
-    /// Ids of live registrations.
-    pub live: HashSet<u64>,
 }
 
 impl LocalRegs {
@@ -101,13 +104,19 @@ impl AgentInner {
             let mut done: Vec<(rixl_core::Desc, LocalReg)> = Vec::with_capacity(list.len());
             let mut failed = None;
             for d in list.descs() {
-                let r = slot.backend.register(mem, d).and_then(|region| {
+                // SAFETY: the caller of `Agent::register_mem` promised that the range stays valid
+                // until it is deregistered (or the agent dropped), and the agent calls the
+                // backend's `deregister` only after every post using it has ended (`fence`).
+                let region = unsafe { slot.backend.register(mem, d) };
+                let r = region.and_then(|region| {
                     let target_token = slot.backend.local_target_token(mem, region.token)?;
+                    let id = self.next_reg_id.fetch_add(1, Ordering::Relaxed);
                     Ok(LocalReg {
-                        id: self.next_reg_id.fetch_add(1, Ordering::Relaxed),
+                        id,
                         token: region.token,
                         target_token,
                         public: region.public,
+                        fence: RegionFence::new(id),
                     })
                 });
                 match r {
@@ -127,7 +136,7 @@ impl AgentInner {
                 continue;
             }
             let allow = self.config.allow_overlapping_registrations;
-            let LocalRegs { sections, live } = &mut *regs;
+            let sections = &mut regs.sections;
             let pos = match sections
                 .iter()
                 .position(|s| s.mem == mem && s.backend == slot.index)
@@ -147,7 +156,6 @@ impl AgentInner {
                 }
             };
             for (desc, reg) in done {
-                live.insert(reg.id);
                 sections[pos]
                     .index
                     .insert(desc, reg)
@@ -178,49 +186,140 @@ impl AgentInner {
         let mem = list.mem();
         let filter = self.backend_filter(names)?;
         let slots = self.backends.read().clone();
-        let mut regs = self.regs.write();
-        // Check everything first: a refused call changes nothing.
-        let mut plan: Vec<(usize, Desc)> = Vec::new();
-        for (i, d) in list.descs().iter().enumerate() {
-            let mut found = false;
-            for (si, sec) in regs.sections.iter().enumerate() {
-                if sec.mem == mem
-                    && filter.allows(sec.backend)
-                    && sec.index.find_exact(&d.desc).is_some()
-                {
-                    if plan.iter().any(|(s, pd)| *s == si && *pd == d.desc) {
-                        continue;
-                    }
-                    plan.push((si, d.desc));
-                    found = true;
-                }
+        // 1. Under the lock: find every registration (a refused call changes nothing) and close
+        //    its fence, so that no new post starts on it.
+        let plan = self.close_for_deregistration(list, &filter)?;
+        // 2. Without any lock (posts in flight must be able to finish, and other calls to
+        //    proceed): wait for the posts that still use the regions.
+        let fences: Vec<Arc<RegionFence>> = plan.iter().map(|p| p.fence.clone()).collect();
+        let deadline = Instant::now() + self.config.deregister_timeout;
+        let busy = fence::wait_idle(&fences, deadline);
+        if !busy.is_empty() {
+            for f in &fences {
+                f.reopen();
             }
-            if !found {
-                return Err(Error::not_found(format!(
-                    "deregistration {i} (addr {:#x}, len {}, dev {}) does not match a registration exactly",
-                    d.desc.addr, d.desc.len, d.desc.dev
-                ))
-                .with_mem(mem));
-            }
+            let posts: u64 = busy.iter().map(|f| f.inflight()).sum();
+            let first = plan
+                .iter()
+                .find(|p| Arc::ptr_eq(&p.fence, &busy[0]))
+                .expect("busy fences come from the plan");
+            return Err(Error::timeout(format!(
+                "deregistration gave up after {:?}: {posts} post(s) in flight still use {} of the regions \
+                 (first: addr {:#x}, len {}, dev {}); nothing was deregistered and the regions stay valid \
+                 (wait for or cancel those requests, then deregister again)",
+                self.config.deregister_timeout,
+                busy.len(),
+                first.desc.addr,
+                first.desc.len,
+                first.desc.dev
+            ))
+            .with_mem(mem)
+            .with_backend(&slots[first.backend].name));
         }
+        // 3. Remove the regions and tell the backends. Nobody else removes a closed region,
+        //    so every entry of the plan is still there.
+        let mut regs = self.regs.write();
         let mut first_err = None;
-        for (si, desc) in plan {
-            let backend = regs.sections[si].backend;
-            let reg = regs.sections[si]
-                .index
-                .remove_exact(&desc)
-                .expect("checked above under the same lock");
-            regs.live.remove(&reg.id);
-            if let Err(e) = slots[backend].backend.deregister(mem, reg.token) {
-                first_err.get_or_insert(e.with_backend(&slots[backend].name));
+        for p in plan {
+            // Looked up again: another deregistration may have dropped an emptied section
+            // since, which moves the positions.
+            let index = &mut regs
+                .sections
+                .iter_mut()
+                .find(|s| s.mem == mem && s.backend == p.backend)
+                .expect("the section holds a region that only this call removes")
+                .index;
+            let pos = index
+                .find_exact_where(&p.desc, |r| Arc::ptr_eq(&r.fence, &p.fence))
+                .expect("a closed region is removed only by the call that closed it");
+            index.remove_at(pos);
+            let backend = &slots[p.backend];
+            if let Err(e) = backend.backend.deregister(mem, p.token) {
+                first_err.get_or_insert(e.with_backend(&backend.name));
             }
         }
         regs.sections.retain(|s| !s.index.is_empty());
         drop(regs);
-        self.reg_epoch.fetch_add(1, Ordering::AcqRel);
         match first_err {
             Some(e) => Err(e),
             None => Ok(()),
         }
     }
+
+    /// Finds the registration of every descriptor of `list` in the allowed backends and
+    /// closes their fences. Fails, with every fence as it was, if a descriptor matches no
+    /// registration exactly or another deregistration is already under way for one.
+    fn close_for_deregistration(
+        &self,
+        list: &RegDescList,
+        filter: &crate::agent::BackendFilter,
+    ) -> Result<Vec<Planned>> {
+        let mem = list.mem();
+        let regs = self.regs.read();
+        let mut plan: Vec<Planned> = Vec::new();
+        let mut refused = None;
+        'descs: for (i, d) in list.descs().iter().enumerate() {
+            let mut found = false;
+            for sec in regs.sections.iter() {
+                if sec.mem != mem || !filter.allows(sec.backend) {
+                    continue;
+                }
+                if sec.index.find_exact(&d.desc).is_none() {
+                    continue;
+                }
+                found = true;
+                if plan
+                    .iter()
+                    .any(|p| p.backend == sec.backend && p.desc == d.desc)
+                {
+                    continue;
+                }
+                // With overlaps allowed the same range may be registered twice: take one whose
+                // fence is still open.
+                let open = sec.index.find_exact_where(&d.desc, |r| r.fence.is_open());
+                let Some(reg) = open.map(|pos| &sec.index.entries()[pos].value) else {
+                    refused = Some(Error::not_found(format!(
+                        "deregistration {i} (addr {:#x}, len {}, dev {}) is already being deregistered by another call",
+                        d.desc.addr, d.desc.len, d.desc.dev
+                    )));
+                    break 'descs;
+                };
+                if !reg.fence.close() {
+                    refused = Some(Error::not_found(format!(
+                        "deregistration {i} (addr {:#x}, len {}, dev {}) is already being deregistered by another call",
+                        d.desc.addr, d.desc.len, d.desc.dev
+                    )));
+                    break 'descs;
+                }
+                plan.push(Planned {
+                    backend: sec.backend,
+                    desc: d.desc,
+                    token: reg.token,
+                    fence: reg.fence.clone(),
+                });
+            }
+            if !found {
+                refused = Some(Error::not_found(format!(
+                    "deregistration {i} (addr {:#x}, len {}, dev {}) does not match a registration exactly",
+                    d.desc.addr, d.desc.len, d.desc.dev
+                )));
+                break;
+            }
+        }
+        if let Some(e) = refused {
+            for p in &plan {
+                p.fence.reopen();
+            }
+            return Err(e.with_mem(mem));
+        }
+        Ok(plan)
+    }
+}
+
+/// One registration a deregistration call will remove.
+struct Planned {
+    backend: usize,
+    desc: Desc,
+    token: u64,
+    fence: Arc<RegionFence>,
 }

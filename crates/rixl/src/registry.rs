@@ -2,7 +2,8 @@
 //! crates linked in by feature, so there is no plugin directory to scan and nothing that can
 //! fail to load at run time).
 
-use rixl_core::{BackendFactory, Params};
+use rixl_backend::BackendFactory;
+use rixl_core::Params;
 
 /// Every backend this build can create, in the order `get_plugin_list` reports them.
 pub fn factories() -> &'static [BackendFactory] {

@@ -5,23 +5,26 @@
 //! in one tight loop (bounds check, length check, merge with the previous descriptor when both
 //! sides continue contiguously inside the same regions) without touching any agent lock.
 //!
-//! An [`XferRequest`] owns its backend transfer and its completion cell. `post` checks two
-//! atomics (the peer's metadata generation is still valid; no registration it uses was
-//! deregistered since it was built), starts a post on the completion cell (which enforces one
-//! active post), and hands the data to the backend.
+//! An [`XferRequest`] owns its backend transfer and its completion cell. `post` checks that
+//! the peer's metadata is still valid, pins the local regions it uses (see `fence`: a
+//! deregistration waits for pinned regions, and a region being deregistered refuses the pin),
+//! starts a post on the completion cell (which enforces one active post and unpins when the
+//! post ends), and hands the data to the backend.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
+use rixl_backend::{BackendXfer, PostOutcome, XferSpec};
 use rixl_core::completion::{monotonic_micros, monotonic_nanos};
 use rixl_core::{
-    BackendXfer, Completion, CompletionFuture, CostEstimate, Desc, Error, MemType, PostOutcome,
-    RegIndex, Result, Segment, SegmentVec, XferDescList, XferOp, XferSpec, XferStatus,
+    Completion, CompletionFuture, CostEstimate, Desc, Error, MemType, RegIndex, Result, Segment,
+    SegmentVec, XferDescList, XferOp, XferStatus,
 };
 
 use crate::agent::{Agent, AgentInner, BackendSlot, INIT_AGENT, INIT_AGENT_NAME};
+use crate::fence::{Fences, PostPins, RegionFence};
 use crate::registration::LocalReg;
 use crate::remote::{RemoteEntry, RemoteRegion};
 
@@ -43,6 +46,8 @@ struct Resolution {
     /// Per descriptor: the descriptor with the backend's token for its covering region, in one
     /// array so that making a request touches one cache line per index.
     entries: SegmentVec,
+    /// Fences of the distinct local registrations used (empty for remote lists).
+    fences: Fences,
 }
 
 #[derive(Debug)]
@@ -52,11 +57,6 @@ struct PrepInner {
     mem: MemType,
     len: usize,
     resolutions: Vec<Resolution>,
-    /// Distinct local registrations used (empty for remote lists).
-    reg_ids: Arc<[u64]>,
-    /// The agent's registration epoch when the list was resolved: requests made from it
-    /// re-check `reg_ids` on their first post if anything was deregistered since.
-    reg_epoch: u64,
 }
 
 /// A descriptor list validated and resolved once, to build requests from by index.
@@ -170,9 +170,8 @@ struct ReqInner {
     xfer: Box<dyn BackendXfer>,
     completion: Arc<Completion>,
     notif: Mutex<Option<Vec<u8>>>,
-    /// Registrations used on this agent's side(s).
-    reg_ids: Vec<Arc<[u64]>>,
-    reg_epoch: AtomicU64,
+    /// Registrations used on this agent's side(s), pinned by every post.
+    pins: Arc<PostPins>,
     total_bytes: u64,
     desc_count: u64,
     segments: usize,
@@ -217,15 +216,10 @@ impl Agent {
         }
         let slots = inner.backends.read().clone();
         let mut resolutions = Vec::new();
-        let mut reg_ids: Vec<u64> = Vec::new();
         let mut first_miss: Option<(usize, String)> = None;
-        let mut reg_epoch = inner.reg_epoch.load(Ordering::Acquire);
         match &side {
             Side::Local | Side::SelfTarget => {
                 let regs = inner.regs.read();
-                // Read under the lock: a deregistration removes entries under the write lock
-                // and bumps the epoch afterwards, so this value is never newer than `regs`.
-                reg_epoch = inner.reg_epoch.load(Ordering::Acquire);
                 for slot in slots.iter().filter(|s| filter.allows(s.index)) {
                     if matches!(side, Side::SelfTarget) && !slot.caps.local {
                         continue;
@@ -234,14 +228,13 @@ impl Agent {
                         continue;
                     };
                     let self_target = matches!(side, Side::SelfTarget);
-                    let before = reg_ids.len();
-                    match resolve_local(&sec.index, descs, self_target, &mut reg_ids) {
-                        Ok(entries) => resolutions.push(Resolution {
+                    match resolve_local(&sec.index, descs, self_target) {
+                        Ok((entries, fences)) => resolutions.push(Resolution {
                             backend: slot.clone(),
                             entries,
+                            fences,
                         }),
                         Err(i) => {
-                            reg_ids.truncate(before);
                             first_miss.get_or_insert((i, slot.name.to_string()));
                         }
                     }
@@ -260,6 +253,7 @@ impl Agent {
                         Ok(entries) => resolutions.push(Resolution {
                             backend: slot.clone(),
                             entries,
+                            fences: Arc::from(Vec::new()),
                         }),
                         Err(i) => {
                             first_miss.get_or_insert((i, slot.name.to_string()));
@@ -285,8 +279,6 @@ impl Agent {
             };
             return Err(e.with_mem(mem));
         }
-        reg_ids.sort_unstable();
-        reg_ids.dedup();
         Ok(PreparedList {
             inner: Arc::new(PrepInner {
                 agent: inner.clone(),
@@ -294,8 +286,6 @@ impl Agent {
                 mem,
                 len: descs.len(),
                 resolutions,
-                reg_ids: reg_ids.into(),
-                reg_epoch,
             }),
         })
     }
@@ -373,9 +363,9 @@ impl Agent {
         )?;
         let desc_count = local_segs.len() as u64;
         let backend = lres.backend.clone();
-        let mut reg_ids = vec![l.reg_ids.clone()];
+        let mut fences = vec![lres.fences.clone()];
         if matches!(r.side, Side::SelfTarget) {
-            reg_ids.push(r.reg_ids.clone());
+            fences.push(rres.fences.clone());
         }
         let peer = match &r.side {
             Side::Remote(e) => Some(e.clone()),
@@ -390,12 +380,9 @@ impl Agent {
             local_segs,
             remote_segs,
             Built {
-                reg_ids,
+                fences,
                 total,
                 desc_count,
-                // The lists were resolved at these epochs: anything deregistered since must be
-                // re-checked on the first post, not assumed live.
-                epoch: l.reg_epoch.min(r.reg_epoch),
             },
             opts,
         )
@@ -462,9 +449,8 @@ impl Agent {
             let Some(lsec) = regs.section(local.mem(), slot.index) else {
                 continue;
             };
-            let mut local_ids = Vec::new();
-            let mut target_ids = Vec::new();
-            let lsegs = match resolve_local(&lsec.index, ld, false, &mut local_ids) {
+            let mut target_fences = None;
+            let (lsegs, local_fences) = match resolve_local(&lsec.index, ld, false) {
                 Ok(t) => t,
                 Err(i) => {
                     first_miss.get_or_insert_with(|| miss(i, &ld[i], "local", &slot.name));
@@ -479,7 +465,10 @@ impl Agent {
                     let Some(rsec) = regs.section(remote.mem(), slot.index) else {
                         continue;
                     };
-                    resolve_local(&rsec.index, rd, true, &mut target_ids)
+                    resolve_local(&rsec.index, rd, true).map(|(segs, fences)| {
+                        target_fences = Some(fences);
+                        segs
+                    })
                 }
                 Some(st) => {
                     if !st.reachable(slot.index) {
@@ -499,19 +488,12 @@ impl Agent {
                 }
             };
             let (local_segs, remote_segs) = merge_segments(lsegs, rsegs);
-            local_ids.sort_unstable();
-            local_ids.dedup();
-            target_ids.sort_unstable();
-            target_ids.dedup();
-            let mut reg_ids = vec![Arc::<[u64]>::from(local_ids)];
-            if loopback {
-                reg_ids.push(target_ids.into());
-            }
+            let mut fences = vec![local_fences];
+            fences.extend(target_fences);
             let built = Built {
-                reg_ids,
+                fences,
                 total: local.total_bytes(),
                 desc_count: ld.len() as u64,
-                epoch: inner.reg_epoch.load(Ordering::Acquire),
             };
             drop(remote_state);
             drop(regs);
@@ -567,22 +549,29 @@ impl Agent {
             .as_ref()
             .map_or(self.inner.name.as_str(), |e| e.name.as_str());
         let segments = local.len();
-        let xfer = backend
-            .backend
-            .prepare_xfer(XferSpec {
-                op,
-                peer: peer_name,
-                loopback: peer.is_none(),
-                local_mem,
-                remote_mem,
-                local,
-                remote,
-            })
-            .map_err(|e| {
-                e.with_backend(&backend.name)
-                    .with_peer(peer_name)
-                    .with_op(op)
-            })?;
+        let spec = XferSpec {
+            op,
+            peer: peer_name,
+            loopback: peer.is_none(),
+            local_mem,
+            remote_mem,
+            local,
+            remote,
+        };
+        // SAFETY: the resolved-segment invariant of `Backend::prepare_xfer`: every segment was
+        // resolved just now by this module from the agent's index of this backend's local
+        // registrations (self-target segments carrying their `local_target_token`) or from the
+        // peer's published regions this backend loaded, and checked to lie inside one of them
+        // (`resolve_local`, `resolve_remote`; `gather_and_merge` and `merge_segments` only join
+        // neighbours inside one region). Every local region is pinned by each post through
+        // `pins` until the post ends, and deregistration waits for the pins (`fence`).
+        let xfer = unsafe { backend.backend.prepare_xfer(spec) }.map_err(|e| {
+            e.with_backend(&backend.name)
+                .with_peer(peer_name)
+                .with_op(op)
+        })?;
+        let pins = Arc::new(PostPins::new(built.fences));
+        let unpin = pins.clone();
         Ok(XferRequest {
             inner: Arc::new(ReqInner {
                 agent: self.inner.clone(),
@@ -590,10 +579,9 @@ impl Agent {
                 backend,
                 peer,
                 xfer,
-                completion: Completion::new(),
+                completion: Completion::with_on_end(Box::new(move || unpin.unpin())),
                 notif: Mutex::new(opts.notif.clone()),
-                reg_ids: built.reg_ids,
-                reg_epoch: AtomicU64::new(built.epoch),
+                pins,
                 total_bytes: built.total,
                 desc_count: built.desc_count,
                 segments,
@@ -606,10 +594,9 @@ impl Agent {
 }
 
 struct Built {
-    reg_ids: Vec<Arc<[u64]>>,
+    fences: Vec<Fences>,
     total: u64,
     desc_count: u64,
-    epoch: u64,
 }
 
 fn miss(i: usize, d: &Desc, side: &str, backend: &str) -> Error {
@@ -692,14 +679,16 @@ fn contiguous(seg: &Segment, next: &Segment) -> bool {
     seg.token == next.token && seg.dev == next.dev && seg.addr + seg.len == next.addr
 }
 
-/// Resolves every descriptor against a local index; on a miss returns its position.
+/// Resolves every descriptor against a local index, and collects the fences of the distinct
+/// regions used. On a miss (no registration covers the descriptor, or the covering one is
+/// being deregistered) returns its position.
 fn resolve_local(
     index: &RegIndex<LocalReg>,
     descs: &[Desc],
     self_target: bool,
-    reg_ids: &mut Vec<u64>,
-) -> std::result::Result<SegmentVec, usize> {
+) -> std::result::Result<(SegmentVec, Fences), usize> {
     let mut out = SegmentVec::with_capacity(descs.len());
+    let mut fences: Vec<Arc<RegionFence>> = Vec::new();
     let mut hint = 0usize;
     let mut last_id = u64::MAX;
     for (i, d) in descs.iter().enumerate() {
@@ -707,7 +696,10 @@ fn resolve_local(
         hint = pos;
         let reg = &index.entries()[pos].value;
         if reg.id != last_id {
-            reg_ids.push(reg.id);
+            if !reg.fence.is_open() {
+                return Err(i);
+            }
+            fences.push(reg.fence.clone());
             last_id = reg.id;
         }
         let token = if self_target {
@@ -722,7 +714,9 @@ fn resolve_local(
             token,
         });
     }
-    Ok(out)
+    fences.sort_unstable_by_key(|f| f.id);
+    fences.dedup_by_key(|f| f.id);
+    Ok((out, fences.into()))
 }
 
 /// Resolves every descriptor against a remote index; on a miss returns its position.
@@ -800,20 +794,13 @@ impl XferRequest {
                 .with_peer(&p.name));
             }
         }
-        let now = r.agent.reg_epoch.load(Ordering::Acquire);
-        if now != r.reg_epoch.load(Ordering::Acquire) {
-            // Something was deregistered since: make sure it was nothing we use.
-            let regs = r.agent.regs.read();
-            for ids in &r.reg_ids {
-                if let Some(gone) = ids.iter().find(|id| !regs.live.contains(id)) {
-                    return Err(Error::not_found(format!(
-                        "a registration this request uses was deregistered (region id {gone})"
-                    )));
-                }
-            }
-            r.reg_epoch.store(now, Ordering::Release);
-        }
         Ok(())
+    }
+
+    fn deregistered(id: u64) -> Error {
+        Error::not_found(format!(
+            "a registration this request uses was deregistered (region id {id})"
+        ))
     }
 
     fn post_inner(&self, notif: Option<&[u8]>) -> Result<XferStatus> {
@@ -830,7 +817,20 @@ impl XferRequest {
             .with_backend(&r.backend.name)
             .with_op(r.op));
         }
-        let handle = r.completion.begin()?;
+        // Pin the regions before the post begins: from here until the completion cell ends
+        // the post (and unpins), deregistration of any of them waits.
+        r.pins.pin().map_err(|id| {
+            Self::deregistered(id)
+                .with_backend(&r.backend.name)
+                .with_op(r.op)
+        })?;
+        let handle = match r.completion.begin() {
+            Ok(h) => h,
+            Err(e) => {
+                r.pins.unpin();
+                return Err(e);
+            }
+        };
         let mut guard = r.notif.lock();
         if let Some(n) = notif {
             *guard = Some(n.to_vec());
@@ -1027,6 +1027,9 @@ impl XferRequest {
     /// Estimated duration of one post, from the backend.
     pub fn estimate_cost(&self) -> Result<CostEstimate> {
         self.check_usable()?;
+        if let Some(id) = self.inner.pins.first_closed() {
+            return Err(Self::deregistered(id));
+        }
         self.inner
             .xfer
             .estimate_cost()

@@ -317,3 +317,90 @@ pub fn target_deregistration_is_not_written(h: &dyn Harness) {
         smoke(h, &p.a);
     }
 }
+
+/// `deregister_mem` during a large post waits for the post (or, past the agent's
+/// `deregister_timeout`, fails and leaves the region registered): when it returns, the post is
+/// no longer in progress and no byte moves any more. Covers the initiator's source region in
+/// every mode, the self-target's destination, and a peer's destination when the target side
+/// checks deregistration.
+pub fn deregistration_waits_for_posts_in_flight(h: &dyn Harness) {
+    const LEN: usize = 16 << 20;
+    const PIECE: usize = 32 << 10;
+    for mode in modes_or_skip(h, "deregistration_waits_for_posts_in_flight") {
+        let sides: &[&str] = match mode {
+            Mode::SelfTarget => &["source", "destination"],
+            Mode::TwoAgents if h.target_checks_deregistration() => &["source", "destination"],
+            Mode::TwoAgents => {
+                skip(
+                    h,
+                    "deregistration_waits_for_posts_in_flight (two agents, destination)",
+                    "the target takes no part in one-sided transfers, so only the initiator's \
+                     deregistration is fenced",
+                );
+                &["source"]
+            }
+        };
+        for &side in sides {
+            let what = format!("{mode}, deregistering the {side}");
+            let src = TestBuffer::with_pattern(LEN, 78);
+            let dst = TestBuffer::new(LEN);
+            let p = Pair::setup(h, mode, &[&src], &[&dst]);
+            let pieces = LEN / PIECE;
+            // Every other piece of the destination, in reverse order: nothing merges, so the
+            // post takes a while on every backend.
+            let local: Vec<Desc> = (0..pieces).map(|i| src.desc(i * PIECE, PIECE)).collect();
+            let remote: Vec<Desc> = (0..pieces)
+                .rev()
+                .map(|i| dst.desc(i * PIECE, PIECE))
+                .collect();
+            let req = p.create(XferOp::Write, local, remote, &XferOptions::default());
+            let posted = req.post();
+            let in_flight = matches!(posted, Ok(XferStatus::InProgress));
+            let deregistered = if side == "source" {
+                p.a.deregister_mem(&reg_list(&[&src]), &[])
+            } else {
+                p.target().deregister(&reg_list(&[&dst]), &[])
+            };
+            // Whatever landed, landed before deregistration returned: nothing changes now.
+            let before = dst.read(0, LEN);
+            let peer_side = side == "destination" && matches!(mode, Mode::TwoAgents);
+            let status = if peer_side {
+                // The target fenced its own side; the initiator learns how the post ended
+                // from the target's answers, which may still be on their way.
+                req.wait(Some(h.timeout()))
+            } else {
+                req.status()
+            };
+            assert!(
+                !matches!(status, Ok(XferStatus::InProgress)),
+                "{what}: deregistration returned ({deregistered:?}) while the post was still in \
+                 progress (posted in flight: {in_flight})"
+            );
+            match &deregistered {
+                Ok(()) => {}
+                Err(e) => assert_eq!(
+                    e.kind(),
+                    ErrorKind::Timeout,
+                    "{what}: deregistration failed with something else than Timeout: {e}"
+                ),
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            assert!(
+                dst.read(0, LEN) == before,
+                "{what}: the destination changed after deregistration returned"
+            );
+            if matches!(status, Ok(XferStatus::Done)) {
+                let source = src.read(0, LEN);
+                let expected: Vec<u8> = source.chunks(PIECE).rev().flatten().copied().collect();
+                dst.assert_range(0, &expected, &format!("{what}: data of the post"));
+            }
+            if deregistered.is_ok() {
+                expect_err(
+                    run(h, &req),
+                    ErrorKind::NotFound,
+                    &format!("{what}: repost after deregistration"),
+                );
+            }
+        }
+    }
+}

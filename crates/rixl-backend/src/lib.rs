@@ -1,0 +1,305 @@
+//! # rixl-backend
+//!
+//! The backend contract: the [`Backend`] trait a transport or storage engine implements, what
+//! the agent hands it ([`BackendContext`], [`XferSpec`]) and what it gives back
+//! ([`LocalRegion`], [`BackendXfer`], [`PostOutcome`]).
+//!
+//! It is a crate of its own, between `rixl-core` and the backends, because two of its calls
+//! take addresses the backend will touch ([`Backend::register`], [`Backend::prepare_xfer`]) and
+//! are therefore `unsafe fn`s, whose contract (the agent's resolved-segment invariant) only the
+//! agent can uphold; `rixl-core` forbids `unsafe` outright. This crate contains no unsafe
+//! operation: `unsafe_code` is denied here and allowed only on those two declarations.
+//!
+//! The trait is deliberately small and object-safe (`Arc<dyn Backend>`), in the spirit of
+//! `object_store`: the agent does all bookkeeping (registration index, remote metadata cache,
+//! generations, descriptor validation, merging, handles) and hands a backend only what it must
+//! act on: one region to register, one peer's connection info, and transfer requests whose
+//! descriptors are already validated, merged and resolved to the backend's own region tokens.
+//! Optional operations have default bodies that return `NotSupported`, so a storage backend
+//! does not have to pretend to be remote-capable.
+//!
+//! Target-side backends that serve requests from the network must still check every incoming
+//! range against their own registrations: the agent validated the initiator's view, not the
+//! bytes a peer actually sends.
+
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+use std::fmt;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use rixl_core::{
+    Capabilities, CompletionHandle, CostEstimate, Desc, Error, MemType, NotifSender, Params,
+    RegDesc, Result, SegmentVec, XferOp,
+};
+
+/// How the agent is told about events a backend detects on its own.
+pub trait AgentHooks: Send + Sync {
+    /// The backend lost `peer` (process died, link cut): the agent invalidates its metadata.
+    fn peer_lost(&self, peer: &str, reason: &Error);
+}
+
+/// Everything a backend receives at creation.
+#[derive(Clone)]
+pub struct BackendContext {
+    /// The owning agent's name.
+    pub agent_name: String,
+    /// Position of this backend in the agent's creation order.
+    pub index: usize,
+    /// Effective parameters: the factory's defaults overridden by the caller's.
+    pub params: Params,
+    /// Where to deliver received notifications.
+    pub notifs: NotifSender,
+    /// Whether the application allowed progress threads (RIXL backends may use their own anyway).
+    pub progress_thread: bool,
+    /// The owning agent, for events the backend detects (weak: backends never keep it alive).
+    pub hooks: Weak<dyn AgentHooks>,
+}
+
+impl fmt::Debug for BackendContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BackendContext")
+            .field("agent_name", &self.agent_name)
+            .field("index", &self.index)
+            .field("params", &self.params)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BackendContext {
+    /// Reports a lost peer to the agent, if it is still alive.
+    pub fn report_peer_lost(&self, peer: &str, reason: &Error) {
+        if let Some(h) = self.hooks.upgrade() {
+            h.peer_lost(peer, reason);
+        }
+    }
+
+    /// A parameter parsed with `FromStr`, with an `InvalidParam` error naming the key.
+    pub fn param<T: std::str::FromStr>(&self, key: &str) -> Result<Option<T>> {
+        match self.params.get(key) {
+            None => Ok(None),
+            Some(v) => v.parse().map(Some).map_err(|_| {
+                Error::invalid_param(format!("backend parameter {key}={v:?} is not valid"))
+            }),
+        }
+    }
+}
+
+/// The static description of a built-in backend: what `get_plugin_list`, `get_plugin_params`
+/// and `get_plugin_mem_types` report, and how to create an instance.
+#[derive(Clone, Copy)]
+pub struct BackendFactory {
+    /// Backend name, e.g. `"POSIX"`.
+    pub name: &'static str,
+    /// Memory types it supports.
+    pub mems: &'static [MemType],
+    /// Advertised parameters and their defaults.
+    pub default_params: &'static [(&'static str, &'static str)],
+    /// Creates an instance; `ctx.params` already holds the merged parameters.
+    pub create: fn(BackendContext) -> Result<Arc<dyn Backend>>,
+}
+
+impl fmt::Debug for BackendFactory {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BackendFactory")
+            .field("name", &self.name)
+            .field("mems", &self.mems)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A backend's private handle for one local registration, and the bytes it publishes for it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LocalRegion {
+    /// Opaque to the agent; given back in [`Segment::token`] and [`Backend::deregister`].
+    pub token: u64,
+    /// Published in metadata for remote peers (e.g. a remote key); often empty.
+    pub public: Vec<u8>,
+}
+
+/// A transfer as the backend receives it: validated, merged, resolved.
+#[derive(Debug)]
+pub struct XferSpec<'a> {
+    /// READ or WRITE, seen from the initiator.
+    pub op: XferOp,
+    /// The target agent (this agent's own name for loopback and storage).
+    pub peer: &'a str,
+    /// True when the target is this agent.
+    pub loopback: bool,
+    /// Memory type of the local side.
+    pub local_mem: MemType,
+    /// Memory type of the target side.
+    pub remote_mem: MemType,
+    /// Local segments.
+    pub local: SegmentVec,
+    /// Target segments, position by position the same lengths as `local`.
+    pub remote: SegmentVec,
+}
+
+/// What a post reports right away.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PostOutcome {
+    /// All data moved (and the notification, if any, was delivered) before `post` returned.
+    Done,
+    /// Still running; the backend will call [`CompletionHandle::complete`].
+    InProgress,
+}
+
+/// A backend's prepared transfer: posted any number of times, one post at a time.
+pub trait BackendXfer: Send + Sync + fmt::Debug {
+    /// Starts moving the data. `notif` is delivered to the target after all data has landed.
+    /// On [`PostOutcome::InProgress`] the backend must eventually call `done.complete(..)`.
+    fn post(&self, notif: Option<&[u8]>, done: CompletionHandle) -> Result<PostOutcome>;
+
+    /// Stops the current post. When this returns, no byte of it lands any more.
+    fn cancel(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// A thread is about to wait for the current post: it may drive the post itself for up to
+    /// `budget` (for example read the responses off the backend's connection instead of having
+    /// a backend thread woken to do it, which costs a scheduler wake-up per hop), and returns as
+    /// soon as the post completed or the budget ran out. A zero budget asks for one
+    /// non-blocking attempt. The backend's own threads must still complete posts that nobody
+    /// waits for. Default: returns at once.
+    fn progress(&self, _budget: Duration) {}
+
+    /// Estimated duration of one post.
+    fn estimate_cost(&self) -> Result<CostEstimate> {
+        Err(Error::not_supported(
+            "this backend does not estimate transfer costs",
+        ))
+    }
+}
+
+/// A transport or storage engine. See the module documentation.
+pub trait Backend: Send + Sync + fmt::Debug {
+    /// The backend's name, e.g. `"LOOPBACK"`.
+    fn name(&self) -> &str;
+
+    /// What it can do.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Effective parameters (defaults merged with overrides, plus anything chosen at run time,
+    /// such as the I/O engine actually in use).
+    fn params(&self) -> Params;
+
+    /// Whether this backend moves data between `local` memory and `target` memory (both already
+    /// among its memory types). The agent only picks backends that can, so a storage backend
+    /// that also registers DRAM (for its local side) is never chosen for DRAM→DRAM. Default: any
+    /// pair of supported types.
+    fn moves(&self, _local: MemType, _target: MemType) -> bool {
+        true
+    }
+
+    /// Registers one region. The agent has already checked the descriptor and refused overlaps.
+    ///
+    /// # Safety
+    ///
+    /// For memory types that are memory (DRAM, VRAM), `desc` must describe memory of this
+    /// process that stays valid until [`Backend::deregister`] returns for the token this call
+    /// gives back: the backend may read, write, pin or remap it by address. The agent upholds
+    /// this for its callers: `Agent::register_mem` passes the obligation on to the application,
+    /// and the agent deregisters only after every post that uses the region has ended. Storage
+    /// types (FILE, BLK, OBJ) address offsets, not memory, and carry no such obligation.
+    #[allow(unsafe_code)] // a contract, not an unsafe operation: see the crate docs
+    unsafe fn register(&self, mem: MemType, desc: &RegDesc) -> Result<LocalRegion>;
+
+    /// Releases a region registered by [`Backend::register`].
+    fn deregister(&self, mem: MemType, token: u64) -> Result<()>;
+
+    /// The token identifying a local region when this agent is its own target (NIXL's
+    /// `loadLocalMD`). Default: the registration token itself.
+    fn local_target_token(&self, _mem: MemType, token: u64) -> Result<u64> {
+        Ok(token)
+    }
+
+    /// Connection info published in metadata; required for remote-capable backends.
+    fn conn_info(&self) -> Option<Vec<u8>> {
+        None
+    }
+
+    /// Accepts a peer's connection info. `Err(NotSupported)` means the peer cannot be reached
+    /// through this backend (for example, another host for a same-host backend).
+    fn load_remote_conn_info(&self, _peer: &str, _info: &[u8]) -> Result<()> {
+        Err(Error::not_supported(
+            "this backend cannot reach other agents",
+        ))
+    }
+
+    /// Accepts one region a peer published; returns the token used in target [`Segment`]s.
+    fn load_remote_region(
+        &self,
+        _peer: &str,
+        _mem: MemType,
+        _desc: &Desc,
+        _public: &[u8],
+    ) -> Result<u64> {
+        Ok(0)
+    }
+
+    /// Forgets a region loaded by [`Backend::load_remote_region`].
+    fn unload_remote_region(&self, _peer: &str, _mem: MemType, _token: u64) {}
+
+    /// Connects to `peer` ahead of the first transfer.
+    fn connect(&self, _peer: &str) -> Result<()> {
+        Ok(())
+    }
+
+    /// Drops everything about `peer`: connections and its loaded state.
+    fn disconnect(&self, _peer: &str) {}
+
+    /// The owning agent is being dropped; called once, after every region was deregistered.
+    /// From now on the backend serves no peer: transfers and notifications targeting this agent
+    /// fail with `RemoteDisconnect`, even while handles of the agent (which may keep the backend
+    /// object alive) still exist. Default: nothing to do.
+    fn shutdown(&self) {}
+
+    /// Builds a postable transfer.
+    ///
+    /// # Safety
+    ///
+    /// This is the agent's resolved-segment invariant, which the backend relies on whenever it
+    /// touches memory by address:
+    /// - every local [`Segment`] lies inside one region that this backend registered
+    ///   ([`Backend::register`]) and whose token it carries; for a loopback or storage target,
+    ///   every target segment likewise lies inside one of this backend's own regions, named by
+    ///   its [`Backend::local_target_token`];
+    /// - every remote segment lies inside a region the peer published and this backend loaded
+    ///   ([`Backend::load_remote_region`]), and carries that token;
+    /// - none of those regions is deregistered while a post of the returned transfer is in
+    ///   flight: a post ends when its completion is reported, when it fails, or when
+    ///   [`BackendXfer::cancel`] returns `Ok`.
+    ///
+    /// Only the agent can uphold this (it resolves descriptors against its registration index
+    /// and fences deregistration with the posts in flight), which is why this call is `unsafe`.
+    #[allow(unsafe_code)] // a contract, not an unsafe operation: see the crate docs
+    unsafe fn prepare_xfer(&self, spec: XferSpec<'_>) -> Result<Box<dyn BackendXfer>>;
+
+    /// Sends a standalone notification.
+    fn send_notif(&self, _peer: &str, _msg: &[u8]) -> Result<()> {
+        Err(Error::not_supported(
+            "this backend does not carry notifications",
+        ))
+    }
+
+    /// Delivers notifications that have already arrived, without blocking. Threads waiting for
+    /// a notification call this while they spin, so that delivery does not have to wait for a
+    /// backend thread to be scheduled. Default: nothing (the backend delivers on its own).
+    fn poll_notifs(&self) {}
+
+    /// A thread starts (`true`) or stops (`false`) watching for notifications by calling
+    /// [`Backend::poll_notifs`] in a loop. Backends that can skip waking a thread of theirs
+    /// while someone watches (SHM's notification ring) count these; after the last `false`
+    /// they deliver whatever arrived meanwhile before returning. Calls come in pairs.
+    fn attend_notifs(&self, _on: bool) {}
+
+    /// Reports on registrations that may not exist yet (files, objects): one entry per
+    /// descriptor, `None` where the target does not exist.
+    fn query_mem(&self, _mem: MemType, _descs: &[RegDesc]) -> Result<Vec<Option<Params>>> {
+        Err(Error::not_supported(
+            "this backend does not support query_mem",
+        ))
+    }
+}
