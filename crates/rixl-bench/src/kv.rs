@@ -17,8 +17,10 @@ use std::time::{Duration, Instant};
 use rixl::{Desc, MemType, XferDescList, XferOp, XferOptions, XferStatus};
 
 use crate::cli::{Config, KvLayout};
+use crate::notif::NOTIF;
 use crate::output::Stat;
-use crate::run::NOTIF;
+use crate::rng::Xorshift;
+use crate::session;
 
 const WAIT: Duration = Duration::from_secs(120);
 
@@ -36,28 +38,6 @@ const HEADERS: [(&str, usize); 12] = [
     ("P99 Tx (us)", 13),
     ("B/W (GB/Sec)", 12),
 ];
-
-pub(crate) struct Xorshift(pub(crate) u64);
-
-impl Xorshift {
-    pub(crate) fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    /// `k` distinct values out of `0..n`, in random order.
-    pub(crate) fn sample(&mut self, n: u64, k: u64) -> Vec<u64> {
-        let mut v: Vec<u64> = (0..n).collect();
-        for i in 0..k as usize {
-            let j = i + (self.next() % (n - i as u64)) as usize;
-            v.swap(i, j);
-        }
-        v.truncate(k as usize);
-        v
-    }
-}
 
 fn pool_list(kv: &KvLayout, base: u64) -> XferDescList {
     let n = kv.layers * kv.kvs * kv.pool_blocks;
@@ -86,7 +66,7 @@ fn ns(d: Duration) -> u64 {
 
 pub fn run(cfg: &Config, kv: &KvLayout) -> Result<(), String> {
     let a = &cfg.args;
-    let mut sess = crate::run::open(cfg)?;
+    let mut sess = session::open(cfg)?;
     let bname = cfg.backend.name();
     let op = if cfg.write {
         XferOp::Write

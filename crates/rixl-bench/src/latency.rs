@@ -9,7 +9,7 @@
 //!   "0xBEEF", which it starts with) and the target's answer, as large: `roundtrip` only.
 //!
 //! Both sides wait with `Agent::wait_notif` (a short yield, then a condvar sleep) instead of
-//! polling. The target is the re-executed process (`target::answer_notifs`) or, for LOOPBACK, a
+//! polling. The target is the re-executed process (`notif::answer_notifs`) or, for LOOPBACK, a
 //! thread of this process running the same loop on the in-process target agent.
 
 use std::io::Write as _;
@@ -19,8 +19,10 @@ use std::time::{Duration, Instant};
 use rixl::{Agent, Desc, MemType, XferDescList, XferOp, XferOptions, XferRequest, XferStatus};
 
 use crate::cli::{Config, Latency};
+use crate::layout::SlotLayout;
+use crate::notif::{answer_notifs, NOTIF};
 use crate::output::{self, Dist, LatRow};
-use crate::run::{SlotLayout, NOTIF};
+use crate::session;
 
 /// Only a bound so that a lost answer fails the run instead of hanging it.
 const WAIT: Duration = Duration::from_secs(30);
@@ -60,7 +62,7 @@ fn wait_answer(agent: &Agent, peer: &str, msg: &[u8]) -> Result<(), String> {
 
 pub fn run(cfg: &Config, l: Latency) -> Result<(), String> {
     let a = &cfg.args;
-    let mut sess = crate::run::open(cfg)?;
+    let mut sess = session::open(cfg)?;
     let bname = cfg.backend.name();
     let size = a.latency_size;
     let (iters, warm) = cfg.iterations(size);
@@ -68,7 +70,7 @@ pub fn run(cfg: &Config, l: Latency) -> Result<(), String> {
     let local_layout = SlotLayout::new(cfg, size, 1, false);
     if a.check_consistency {
         local_layout.fill(sess.lbuf.bytes_mut(), 1, 0xbb);
-        sess.fill_target(cfg, size, 1)?;
+        sess.fill_targets(cfg, size, 1)?;
     }
     let agent = &sess.agents[0];
     let stream = &sess.streams[0];
@@ -123,7 +125,7 @@ pub fn run(cfg: &Config, l: Latency) -> Result<(), String> {
     let measured = std::thread::scope(|s| {
         if let Some(t) = local_target {
             let (stop, answered) = (&stop, &answered);
-            s.spawn(move || crate::target::answer_notifs(t, cfg, stop, answered));
+            s.spawn(move || answer_notifs(t, cfg, stop, answered));
         }
         let r = (|| -> Result<(Vec<u64>, Vec<u64>), String> {
             let mut roundtrip = Vec::with_capacity(iters as usize);
@@ -172,7 +174,7 @@ pub fn run(cfg: &Config, l: Latency) -> Result<(), String> {
     }
     if a.check_consistency {
         if cfg.write {
-            sess.verify_target(cfg, size, 1)?;
+            sess.verify_targets(cfg, size, 1)?;
         } else if let Some((o, v)) = local_layout.mismatch(sess.lbuf.bytes(), 1, 0xaa, 0xbb) {
             return Err(format!(
                 "consistency check failed: initiator byte at offset {o} is {v:#04x}"

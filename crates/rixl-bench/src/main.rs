@@ -14,18 +14,34 @@
 //! its stdin; `POSIX` runs one process against files. `--listen` / `--target_addr` run the two roles of a SHM or
 //! TCP run by hand (on two hosts for TCP). Exit status: 0 success, 1 run-time failure (including a
 //! failed consistency check), 2 bad input (a one-line error naming the option).
+//!
+//! Modules: one per mode ([`bandwidth`], [`kv`], [`latency`], [`target`]), which [`run`] picks
+//! from the parsed [`cli::Config`]. A mode never calls another mode, only the shared modules:
+//! [`session`] (agents, targets and buffers of an initiator run), [`target_proc`] and
+//! [`target_files`] (the initiator's handle on a target process or on the POSIX files),
+//! [`protocol`] (what initiator and target process agree on), [`notif`] (the "0xBEEF"
+//! notification and the target's loop answering it), [`layout`] (where descriptors lie),
+//! [`buffer`], [`rng`], [`cli`] and [`output`].
 
-mod cli;
+// Modes.
+mod bandwidth;
 mod kv;
 mod latency;
-mod output;
-mod run;
 mod target;
 
-use std::process::ExitCode;
+// What the modes share.
+mod buffer;
+mod cli;
+mod layout;
+mod notif;
+mod output;
+mod protocol;
+mod rng;
+mod session;
+mod target_files;
+mod target_proc;
 
-/// Environment variable that makes the process the target of a two-process run.
-pub(crate) const ROLE_ENV: &str = "RIXL_BENCH_ROLE";
+use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let argv: Vec<String> = std::env::args().collect();
@@ -38,19 +54,37 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(bad) => return bad_input(&bad),
     };
-    let result = if let Some(addr) = cfg.listen {
-        target::serve(&cfg, target::Control::Tcp(addr))
-    } else if std::env::var(ROLE_ENV).as_deref() == Ok("target") {
-        target::serve(&cfg, target::Control::Stdio)
-    } else {
-        run::run(&cfg)
-    };
-    match result {
+    match run(&cfg) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("rixl-bench: error: {e}");
             ExitCode::from(1)
         }
+    }
+}
+
+/// Runs the mode `cfg` asks for: the target of a two-process run (started by hand with
+/// `--listen`, or re-executed by an initiator), or, as the initiator, the KV-cache, latency or
+/// bandwidth mode. An initiator prints its configuration first (to stderr with `--json`, so that
+/// stdout holds only JSON lines).
+fn run(cfg: &cli::Config) -> Result<(), String> {
+    if let Some(addr) = cfg.listen {
+        return target::serve(cfg, target::Control::Tcp(addr));
+    }
+    if std::env::var(protocol::ROLE_ENV).as_deref() == Ok("target") {
+        return target::serve(cfg, target::Control::Stdio);
+    }
+    if cfg.args.json {
+        eprint!("{}", cfg.dump());
+    } else {
+        print!("{}", cfg.dump());
+    }
+    if let Some(kv) = &cfg.kv {
+        kv::run(cfg, kv)
+    } else if let Some(l) = cfg.latency {
+        latency::run(cfg, l)
+    } else {
+        bandwidth::run(cfg)
     }
 }
 

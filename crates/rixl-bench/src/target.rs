@@ -1,4 +1,4 @@
-//! The target of a two-process run (`SHM`, `TCP`): this binary re-executed with
+//! Target mode: the target of a two-process run (`SHM`, `TCP`): this binary re-executed with
 //! `RIXL_BENCH_ROLE=target` (and `RIXL_BENCH_TARGET_INDEX=k` for target `k` of onetomany) and
 //! the initiator's arguments, or started by hand with `--listen ADDR:PORT` (the initiator then
 //! runs with `--target_addr HOST:PORT`).
@@ -26,20 +26,11 @@ use std::time::{Duration, Instant};
 
 use rixl::{Agent, AgentConfig, MemType, RegDesc, RegDescList};
 
+use crate::buffer::Buffer;
 use crate::cli::Config;
-use crate::run::{Buffer, SlotLayout, NOTIF};
-
-/// Environment variable with the index of a re-executed target (onetomany has several).
-pub const INDEX_ENV: &str = "RIXL_BENCH_TARGET_INDEX";
-
-/// The agent name of target `k` (the first keeps the pairwise name).
-pub fn target_name(k: u64) -> String {
-    if k == 0 {
-        "rixl-bench-target".to_owned()
-    } else {
-        format!("rixl-bench-target-{k}")
-    }
-}
+use crate::layout::SlotLayout;
+use crate::notif::answer_notifs;
+use crate::protocol::{hello, target_name, INDEX_ENV};
 
 /// How the initiator reaches the target's command channel.
 #[derive(Clone, Copy, Debug)]
@@ -127,34 +118,6 @@ pub fn serve(cfg: &Config, control: Control) -> Result<(), String> {
     result
 }
 
-/// Counts the "0xBEEF" notifications `agent` receives until `stop`; in latency mode also
-/// answers each with the same message. Blocks in `wait_notif` (a short yield, then a condvar
-/// sleep) rather than polling; its bound only lets the loop see `stop`.
-pub fn answer_notifs(agent: &Agent, cfg: &Config, stop: &AtomicBool, count: &AtomicU64) {
-    let answer = cfg.latency.is_some();
-    let mut failed = false;
-    while !stop.load(Ordering::Acquire) {
-        if !agent.wait_notif(Duration::from_millis(100)) {
-            continue;
-        }
-        let Ok(ns) = agent.get_notifs(&[]) else {
-            continue;
-        };
-        for n in ns.iter().filter(|n| n.msg.starts_with(NOTIF)) {
-            if answer {
-                if let Err(e) = agent.send_notif(&n.from, &n.msg, Some(cfg.backend.name())) {
-                    // Once: the initiator times out and reports the run as failed.
-                    if !failed {
-                        eprintln!("rixl-bench target: cannot answer {}: {e}", n.from);
-                        failed = true;
-                    }
-                }
-            }
-            count.fetch_add(1, Ordering::AcqRel);
-        }
-    }
-}
-
 fn say(out: &mut dyn Write, s: &str) -> Result<(), String> {
     writeln!(out, "{s}")
         .and_then(|_| out.flush())
@@ -230,23 +193,4 @@ fn commands(
         }
     }
     Ok(())
-}
-
-/// The handshake line: both sides must agree on the backend, the memory layout and what the
-/// target does with notifications.
-pub fn hello(cfg: &Config) -> String {
-    format!(
-        "HELLO {} {} {} {} {} {} {}",
-        cfg.backend.name(),
-        cfg.slots,
-        cfg.slot_stride,
-        cfg.scheme.name(),
-        cfg.streams,
-        if cfg.scattered {
-            "scattered"
-        } else {
-            "contiguous"
-        },
-        cfg.latency.map_or("bandwidth", |l| l.name())
-    )
 }
