@@ -24,6 +24,7 @@
 
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
+#![warn(unreachable_pub)]
 
 use std::fmt;
 use std::sync::{Arc, Weak};
@@ -32,6 +33,12 @@ use std::time::Duration;
 use rixl_core::{
     Capabilities, CompletionHandle, CostEstimate, Desc, Error, MemType, NotifSender, Params,
     RegDesc, Result, SegmentVec, XferOp,
+};
+
+mod params;
+
+pub use params::{
+    defaults, docs_match, markdown_table, parse_bool, validate, ParamKind, ParamSpec, ParsedParams,
 };
 
 /// How the agent is told about events a backend detects on its own.
@@ -43,18 +50,12 @@ pub trait AgentHooks: Send + Sync {
 /// Everything a backend receives at creation.
 #[derive(Clone)]
 pub struct BackendContext {
-    /// The owning agent's name.
-    pub agent_name: String,
-    /// Position of this backend in the agent's creation order.
-    pub index: usize,
-    /// Effective parameters: the factory's defaults overridden by the caller's.
-    pub params: Params,
-    /// Where to deliver received notifications.
-    pub notifs: NotifSender,
-    /// Whether the application allowed progress threads (RIXL backends may use their own anyway).
-    pub progress_thread: bool,
-    /// The owning agent, for events the backend detects (weak: backends never keep it alive).
-    pub hooks: Weak<dyn AgentHooks>,
+    agent_name: String,
+    index: usize,
+    params: ParsedParams,
+    notifs: NotifSender,
+    progress_thread: bool,
+    hooks: Weak<dyn AgentHooks>,
 }
 
 impl fmt::Debug for BackendContext {
@@ -62,57 +63,148 @@ impl fmt::Debug for BackendContext {
         f.debug_struct("BackendContext")
             .field("agent_name", &self.agent_name)
             .field("index", &self.index)
-            .field("params", &self.params)
+            .field("params", self.params.values())
             .finish_non_exhaustive()
     }
 }
 
 impl BackendContext {
+    /// What the agent hands a backend it creates: its own name, the backend's position in
+    /// creation order, the validated parameters, where notifications go, whether the
+    /// application allowed progress threads, and the agent's hooks (weak: backends never keep
+    /// the agent alive).
+    pub fn new(
+        agent_name: &str,
+        index: usize,
+        params: ParsedParams,
+        notifs: NotifSender,
+        progress_thread: bool,
+        hooks: Weak<dyn AgentHooks>,
+    ) -> BackendContext {
+        BackendContext {
+            agent_name: agent_name.to_owned(),
+            index,
+            params,
+            notifs,
+            progress_thread,
+            hooks,
+        }
+    }
+
+    /// The owning agent's name.
+    pub fn agent_name(&self) -> &str {
+        &self.agent_name
+    }
+
+    /// Position of this backend in the agent's creation order.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// The validated parameters: the table's defaults overridden by the caller's.
+    pub fn params(&self) -> &ParsedParams {
+        &self.params
+    }
+
+    /// Where to deliver received notifications.
+    pub fn notifs(&self) -> &NotifSender {
+        &self.notifs
+    }
+
+    /// Whether the application allowed progress threads (RIXL backends may use their own
+    /// anyway).
+    pub fn progress_thread(&self) -> bool {
+        self.progress_thread
+    }
+
+    /// The owning agent's hooks.
+    pub fn hooks(&self) -> &Weak<dyn AgentHooks> {
+        &self.hooks
+    }
+
     /// Reports a lost peer to the agent, if it is still alive.
     pub fn report_peer_lost(&self, peer: &str, reason: &Error) {
         if let Some(h) = self.hooks.upgrade() {
             h.peer_lost(peer, reason);
         }
     }
-
-    /// A parameter parsed with `FromStr`, with an `InvalidParam` error naming the key.
-    pub fn param<T: std::str::FromStr>(&self, key: &str) -> Result<Option<T>> {
-        match self.params.get(key) {
-            None => Ok(None),
-            Some(v) => v.parse().map(Some).map_err(|_| {
-                Error::invalid_param(format!("backend parameter {key}={v:?} is not valid"))
-            }),
-        }
-    }
 }
 
-/// The static description of a built-in backend: what `get_plugin_list`, `get_plugin_params`
-/// and `get_plugin_mem_types` report, and how to create an instance.
+/// How to create a backend, and what it is before any instance exists: its name, its
+/// declared parameters and its capabilities. This is what `get_plugin_list`,
+/// `get_plugin_params` and `get_plugin_mem_types` report, for the built-in backends and for
+/// one added at run time with `Agent::add_backend`.
 #[derive(Clone, Copy)]
 pub struct BackendFactory {
-    /// Backend name, e.g. `"POSIX"`.
-    pub name: &'static str,
-    /// Memory types it supports.
-    pub mems: &'static [MemType],
-    /// Advertised parameters and their defaults.
-    pub default_params: &'static [(&'static str, &'static str)],
-    /// Creates an instance; `ctx.params` already holds the merged parameters.
-    pub create: fn(BackendContext) -> Result<Arc<dyn Backend>>,
+    name: &'static str,
+    params: &'static [ParamSpec],
+    capabilities: fn() -> Capabilities,
+    create: fn(BackendContext) -> Result<Arc<dyn Backend>>,
 }
 
 impl fmt::Debug for BackendFactory {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BackendFactory")
             .field("name", &self.name)
-            .field("mems", &self.mems)
+            .field("capabilities", &(self.capabilities)())
             .finish_non_exhaustive()
+    }
+}
+
+impl BackendFactory {
+    /// A factory. `capabilities` must describe what every instance can do (an instance may
+    /// report less, e.g. no VRAM without a GPU); `create` receives parameters already
+    /// validated against `params`.
+    pub const fn new(
+        name: &'static str,
+        params: &'static [ParamSpec],
+        capabilities: fn() -> Capabilities,
+        create: fn(BackendContext) -> Result<Arc<dyn Backend>>,
+    ) -> BackendFactory {
+        BackendFactory {
+            name,
+            params,
+            capabilities,
+            create,
+        }
+    }
+
+    /// The backend's name, e.g. `"POSIX"`.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// The declared parameters.
+    pub fn params(&self) -> &'static [ParamSpec] {
+        self.params
+    }
+
+    /// The defaults, as `get_plugin_params` reports them.
+    pub fn default_params(&self) -> Params {
+        defaults(self.params)
+    }
+
+    /// What instances can do.
+    pub fn capabilities(&self) -> Capabilities {
+        (self.capabilities)()
+    }
+
+    /// Validates `given` against the declared parameters (see [`validate`]).
+    pub fn validate(&self, given: &Params) -> Result<ParsedParams> {
+        validate(self.name, self.params, given)
+    }
+
+    /// Creates an instance.
+    pub fn create(&self, ctx: BackendContext) -> Result<Arc<dyn Backend>> {
+        (self.create)(ctx)
     }
 }
 
 /// A backend's private handle for one local registration, and the bytes it publishes for it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LocalRegion {
-    /// Opaque to the agent; given back in [`Segment::token`] and [`Backend::deregister`].
+    /// Opaque to the agent; given back in [`Segment::token`](rixl_core::Segment::token) and
+    /// [`Backend::deregister`].
     pub token: u64,
     /// Published in metadata for remote peers (e.g. a remote key); often empty.
     pub public: Vec<u8>,
@@ -135,6 +227,51 @@ pub struct XferSpec<'a> {
     pub local: SegmentVec,
     /// Target segments, position by position the same lengths as `local`.
     pub remote: SegmentVec,
+    /// The request's backend extension, if the application gave one (NIXL's `customParam`:
+    /// a UCX worker id, a CUDA stream). Backends that take none ignore it, as NIXL's do.
+    pub ext: Option<&'a RequestExt>,
+}
+
+/// A per-request extension for the backend that moves it (NIXL's `customParam`): a string
+/// for NIXL compatibility, and a typed value for Rust callers (a backend downcasts it).
+#[derive(Clone, Default)]
+pub struct RequestExt {
+    /// NIXL's `customParam` string, passed through unchanged.
+    pub custom_param: Option<String>,
+    /// A typed value for the backend (e.g. a CUDA stream handle), which it downcasts.
+    pub value: Option<Arc<dyn std::any::Any + Send + Sync>>,
+}
+
+impl fmt::Debug for RequestExt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RequestExt")
+            .field("custom_param", &self.custom_param)
+            .field("value", &self.value.as_ref().map(|_| "<typed value>"))
+            .finish()
+    }
+}
+
+impl RequestExt {
+    /// An extension carrying NIXL's `customParam` string.
+    pub fn custom_param(param: impl Into<String>) -> RequestExt {
+        RequestExt {
+            custom_param: Some(param.into()),
+            value: None,
+        }
+    }
+
+    /// An extension carrying a typed value.
+    pub fn value<T: std::any::Any + Send + Sync>(value: T) -> RequestExt {
+        RequestExt {
+            custom_param: None,
+            value: Some(Arc::new(value)),
+        }
+    }
+
+    /// The typed value, if it is a `T`.
+    pub fn downcast<T: std::any::Any>(&self) -> Option<&T> {
+        self.value.as_deref().and_then(|v| v.downcast_ref())
+    }
 }
 
 /// What a post reports right away.
@@ -173,25 +310,23 @@ pub trait BackendXfer: Send + Sync + fmt::Debug {
     }
 }
 
-/// A transport or storage engine. See the module documentation.
+/// A transport or storage engine. See the crate documentation.
+///
+/// The required part is what every backend does: register regions and move data between
+/// them. What only some do is an optional part, reached through [`Backend::remote`] and
+/// [`Backend::notifications`], instead of a dozen defaulted methods a storage backend would
+/// have to know to leave alone. The agent checks at creation that the parts a backend offers
+/// match its [`Capabilities`].
 pub trait Backend: Send + Sync + fmt::Debug {
     /// The backend's name, e.g. `"LOOPBACK"`.
     fn name(&self) -> &str;
 
-    /// What it can do.
+    /// What this instance can do (at most what its factory declares).
     fn capabilities(&self) -> Capabilities;
 
     /// Effective parameters (defaults merged with overrides, plus anything chosen at run time,
     /// such as the I/O engine actually in use).
     fn params(&self) -> Params;
-
-    /// Whether this backend moves data between `local` memory and `target` memory (both already
-    /// among its memory types). The agent only picks backends that can, so a storage backend
-    /// that also registers DRAM (for its local side) is never chosen for DRAM→DRAM. Default: any
-    /// pair of supported types.
-    fn moves(&self, _local: MemType, _target: MemType) -> bool {
-        true
-    }
 
     /// Registers one region. The agent has already checked the descriptor and refused overlaps.
     ///
@@ -206,7 +341,9 @@ pub trait Backend: Send + Sync + fmt::Debug {
     #[allow(unsafe_code)] // a contract, not an unsafe operation: see the crate docs
     unsafe fn register(&self, mem: MemType, desc: &RegDesc) -> Result<LocalRegion>;
 
-    /// Releases a region registered by [`Backend::register`].
+    /// Releases a region registered by [`Backend::register`]. The agent calls it only once no
+    /// post uses the region any more; a target-side backend must also stop serving peers'
+    /// requests for it before returning.
     fn deregister(&self, mem: MemType, token: u64) -> Result<()>;
 
     /// The token identifying a local region when this agent is its own target (NIXL's
@@ -215,31 +352,74 @@ pub trait Backend: Send + Sync + fmt::Debug {
         Ok(token)
     }
 
-    /// Connection info published in metadata; required for remote-capable backends.
-    fn conn_info(&self) -> Option<Vec<u8>> {
-        None
-    }
+    /// Builds a postable transfer.
+    ///
+    /// # Safety
+    ///
+    /// This is the agent's resolved-segment invariant, which the backend relies on whenever it
+    /// touches memory by address:
+    /// - every local [`Segment`](rixl_core::Segment) lies inside one region that this backend
+    ///   registered ([`Backend::register`]) and whose token it carries; for a loopback or
+    ///   storage target, every target segment likewise lies inside one of this backend's own
+    ///   regions, named by its [`Backend::local_target_token`];
+    /// - every remote segment lies inside a region the peer published and this backend loaded
+    ///   ([`RemotePeers::load_remote_region`]), and carries that token;
+    /// - none of those local regions is deregistered while a post of the returned transfer is
+    ///   in flight: a post ends when its completion is reported, when it fails, or when
+    ///   [`BackendXfer::cancel`] returns `Ok`.
+    ///
+    /// Only the agent can uphold this (it resolves descriptors against its registration index
+    /// and fences deregistration with the posts in flight), which is why this call is `unsafe`.
+    #[allow(unsafe_code)] // a contract, not an unsafe operation: see the crate docs
+    unsafe fn prepare_xfer(&self, spec: XferSpec<'_>) -> Result<Box<dyn BackendXfer>>;
 
-    /// Accepts a peer's connection info. `Err(NotSupported)` means the peer cannot be reached
-    /// through this backend (for example, another host for a same-host backend).
-    fn load_remote_conn_info(&self, _peer: &str, _info: &[u8]) -> Result<()> {
+    /// Reports on registrations that may not exist yet (files, objects): one entry per
+    /// descriptor, `None` where the target does not exist. Offered when
+    /// [`Capabilities::query_mem`] says so.
+    fn query_mem(&self, _mem: MemType, _descs: &[RegDesc]) -> Result<Vec<Option<Params>>> {
         Err(Error::not_supported(
-            "this backend cannot reach other agents",
+            "this backend does not support query_mem",
         ))
     }
 
-    /// Accepts one region a peer published; returns the token used in target [`Segment`]s.
-    fn load_remote_region(
-        &self,
-        _peer: &str,
-        _mem: MemType,
-        _desc: &Desc,
-        _public: &[u8],
-    ) -> Result<u64> {
-        Ok(0)
+    /// The owning agent is being dropped; called once, after every region was deregistered.
+    /// From now on the backend serves no peer: transfers and notifications targeting this agent
+    /// fail with `RemoteDisconnect`, even while handles of the agent (which may keep the backend
+    /// object alive) still exist. Default: nothing to do.
+    fn shutdown(&self) {}
+
+    /// The part that reaches other agents, if the backend is remote-capable.
+    fn remote(&self) -> Option<&dyn RemotePeers> {
+        None
     }
 
-    /// Forgets a region loaded by [`Backend::load_remote_region`].
+    /// The part that carries notifications, if the backend has one.
+    fn notifications(&self) -> Option<&dyn Notifications> {
+        None
+    }
+}
+
+/// The optional part of a backend that reaches other agents: connection info out, peers'
+/// connection info and published regions in.
+pub trait RemotePeers: Send + Sync {
+    /// Connection info published in metadata.
+    fn conn_info(&self) -> Vec<u8>;
+
+    /// Accepts a peer's connection info. `Err(NotSupported)` means the peer cannot be reached
+    /// through this backend (for example, another host for a same-host backend).
+    fn load_remote_conn_info(&self, peer: &str, info: &[u8]) -> Result<()>;
+
+    /// Accepts one region a peer published; returns the token used in target segments. The
+    /// bytes come from the peer: a malformed `public` is an error, never a panic.
+    fn load_remote_region(
+        &self,
+        peer: &str,
+        mem: MemType,
+        desc: &Desc,
+        public: &[u8],
+    ) -> Result<u64>;
+
+    /// Forgets a region loaded by [`RemotePeers::load_remote_region`].
     fn unload_remote_region(&self, _peer: &str, _mem: MemType, _token: u64) {}
 
     /// Connects to `peer` ahead of the first transfer.
@@ -248,41 +428,14 @@ pub trait Backend: Send + Sync + fmt::Debug {
     }
 
     /// Drops everything about `peer`: connections and its loaded state.
-    fn disconnect(&self, _peer: &str) {}
+    fn disconnect(&self, peer: &str);
+}
 
-    /// The owning agent is being dropped; called once, after every region was deregistered.
-    /// From now on the backend serves no peer: transfers and notifications targeting this agent
-    /// fail with `RemoteDisconnect`, even while handles of the agent (which may keep the backend
-    /// object alive) still exist. Default: nothing to do.
-    fn shutdown(&self) {}
-
-    /// Builds a postable transfer.
-    ///
-    /// # Safety
-    ///
-    /// This is the agent's resolved-segment invariant, which the backend relies on whenever it
-    /// touches memory by address:
-    /// - every local [`Segment`] lies inside one region that this backend registered
-    ///   ([`Backend::register`]) and whose token it carries; for a loopback or storage target,
-    ///   every target segment likewise lies inside one of this backend's own regions, named by
-    ///   its [`Backend::local_target_token`];
-    /// - every remote segment lies inside a region the peer published and this backend loaded
-    ///   ([`Backend::load_remote_region`]), and carries that token;
-    /// - none of those regions is deregistered while a post of the returned transfer is in
-    ///   flight: a post ends when its completion is reported, when it fails, or when
-    ///   [`BackendXfer::cancel`] returns `Ok`.
-    ///
-    /// Only the agent can uphold this (it resolves descriptors against its registration index
-    /// and fences deregistration with the posts in flight), which is why this call is `unsafe`.
-    #[allow(unsafe_code)] // a contract, not an unsafe operation: see the crate docs
-    unsafe fn prepare_xfer(&self, spec: XferSpec<'_>) -> Result<Box<dyn BackendXfer>>;
-
-    /// Sends a standalone notification.
-    fn send_notif(&self, _peer: &str, _msg: &[u8]) -> Result<()> {
-        Err(Error::not_supported(
-            "this backend does not carry notifications",
-        ))
-    }
+/// The optional part of a backend that carries notifications.
+pub trait Notifications: Send + Sync {
+    /// Sends a standalone notification (to this agent itself too, when the backend is
+    /// local-capable).
+    fn send_notif(&self, peer: &str, msg: &[u8]) -> Result<()>;
 
     /// Delivers notifications that have already arrived, without blocking. Threads waiting for
     /// a notification call this while they spin, so that delivery does not have to wait for a
@@ -290,16 +443,8 @@ pub trait Backend: Send + Sync + fmt::Debug {
     fn poll_notifs(&self) {}
 
     /// A thread starts (`true`) or stops (`false`) watching for notifications by calling
-    /// [`Backend::poll_notifs`] in a loop. Backends that can skip waking a thread of theirs
-    /// while someone watches (SHM's notification ring) count these; after the last `false`
-    /// they deliver whatever arrived meanwhile before returning. Calls come in pairs.
+    /// [`Notifications::poll_notifs`] in a loop. Backends that can skip waking a thread of
+    /// theirs while someone watches (SHM's notification ring) count these; after the last
+    /// `false` they deliver whatever arrived meanwhile before returning. Calls come in pairs.
     fn attend_notifs(&self, _on: bool) {}
-
-    /// Reports on registrations that may not exist yet (files, objects): one entry per
-    /// descriptor, `None` where the target does not exist.
-    fn query_mem(&self, _mem: MemType, _descs: &[RegDesc]) -> Result<Vec<Option<Params>>> {
-        Err(Error::not_supported(
-            "this backend does not support query_mem",
-        ))
-    }
 }

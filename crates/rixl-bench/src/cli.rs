@@ -167,9 +167,12 @@ impl Backend {
         }
     }
 
-    /// Carries notifications (every such transfer carries "0xBEEF").
+    /// Carries notifications (every such transfer carries "0xBEEF"), as the backend itself
+    /// declares. The variants of this enum only choose how the benchmark is laid out (an
+    /// in-process target, a target process, files); what a backend can do comes from its
+    /// capabilities.
     pub fn notifies(self) -> bool {
-        !matches!(self, Backend::Posix)
+        rixl::Agent::plugin_capabilities(self.name()).is_ok_and(|c| c.notif)
     }
 }
 

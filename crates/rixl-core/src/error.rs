@@ -6,6 +6,7 @@
 //! it. The error is boxed so that `Result<T>` stays one word wide on the hot path.
 
 use std::fmt;
+use std::sync::Arc;
 
 use crate::mem::MemType;
 use crate::op::XferOp;
@@ -127,6 +128,9 @@ struct Inner {
     mem: Option<MemType>,
     op: Option<XferOp>,
     os_error: Option<i32>,
+    /// The lower-level failure behind this one (an I/O error, an HTTP or UCX status), shared so
+    /// that errors stay cheap to clone.
+    source: Option<Arc<dyn std::error::Error + Send + Sync + 'static>>,
 }
 
 /// `Result` with [`Error`].
@@ -154,6 +158,7 @@ impl Error {
             mem: None,
             op: None,
             os_error: None,
+            source: None,
         }))
     }
 
@@ -186,11 +191,27 @@ impl Error {
         timeout => Timeout,
     }
 
-    /// A backend error carrying an operating-system error.
+    /// A backend error carrying an operating-system error. The message includes the I/O
+    /// error's text, and [`std::error::Error::source`] gives an equivalent `io::Error`.
     pub fn from_io(kind: ErrorKind, message: impl Into<String>, err: &std::io::Error) -> Error {
         let mut e = Error::new(kind, format!("{}: {err}", message.into()));
         e.0.os_error = err.raw_os_error();
+        let copy = match err.raw_os_error() {
+            Some(errno) => std::io::Error::from_raw_os_error(errno),
+            None => std::io::Error::new(err.kind(), err.to_string()),
+        };
+        e.0.source = Some(Arc::new(copy));
         e
+    }
+
+    /// Attaches the lower-level failure behind this one (kept if one is already attached),
+    /// reachable through [`std::error::Error::source`]. The message should still say what
+    /// went wrong in RIXL's terms; the source keeps the original for programs that inspect it.
+    pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Error {
+        if self.0.source.is_none() {
+            self.0.source = Some(Arc::new(source));
+        }
+        self
     }
 
     /// The class of this failure.
@@ -269,6 +290,7 @@ impl Clone for Error {
             mem: self.0.mem,
             op: self.0.op,
             os_error: self.0.os_error,
+            source: self.0.source.clone(),
         }))
     }
 }
@@ -309,7 +331,14 @@ impl fmt::Debug for Error {
     }
 }
 
-impl std::error::Error for Error {}
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0
+            .source
+            .as_deref()
+            .map(|s| s as &(dyn std::error::Error + 'static))
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -340,5 +369,28 @@ mod tests {
         assert!(s.contains("peer \"p\""), "{s}");
         assert!(s.contains("mem DRAM") && s.contains("op WRITE"), "{s}");
         assert_eq!(e.clone().kind(), ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn source_is_kept_through_clone_and_context() {
+        use std::error::Error as _;
+        let io = std::io::Error::from_raw_os_error(28);
+        let e = Error::from_io(ErrorKind::Backend, "writing the file", &io).with_peer("p");
+        let src = e.clone().source().expect("an I/O source").to_string();
+        assert_eq!(src, io.to_string());
+        #[derive(Debug)]
+        struct Http(u16);
+        impl fmt::Display for Http {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "HTTP {}", self.0)
+            }
+        }
+        impl std::error::Error for Http {}
+        let e = Error::backend("PUT failed").with_source(Http(503));
+        assert_eq!(
+            e.source().map(|s| s.to_string()).as_deref(),
+            Some("HTTP 503")
+        );
+        assert!(Error::backend("plain").source().is_none());
     }
 }

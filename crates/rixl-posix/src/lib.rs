@@ -109,18 +109,21 @@
 //!
 //! ## Parameters
 //!
-//! | Param (default) | Meaning |
-//! |---|---|
-//! | `engine` (`auto`) | `auto`: O_DIRECT on io_uring, buffered on the thread pool, small buffered posts inline; all on the thread pool without io_uring. `io_uring`: everything on io_uring, or a creation error. `threads`: everything on the thread pool. (`io_uring+threads`, what `params()` reports for `auto`, means `auto`.) |
-//! | `use_uring` (`false`) | NIXL's name: same as `engine=io_uring`. |
-//! | `use_aio` (`false`) | NIXL's libaio queue, which is asynchronous for O_DIRECT and copies inside `io_submit` for buffered files; `engine=auto` does the same with io_uring and inline posts. |
-//! | `use_posix_aio` (`false`) | NIXL's POSIX AIO queue; glibc implements it with threads doing pread/pwrite, so this means `engine=threads`. |
-//! | `kernel_queue_size` (256) | io_uring: data operations in flight (the ring is sized from it). |
-//! | `ios_pool_size` (65536) | Most I/O operations one post may need (as NIXL's I/O pool, a larger request is refused with `InvalidParam`). |
-//! | `num_threads` (0 = auto: 2 per core, 4–32) | Workers of the thread-pool engine. |
-//! | `max_io_size` (16 MiB) | Largest single read or write; larger segments are split. |
-//! | `inline_max_bytes` (524288) | `engine=auto`: buffered posts of at most this many bytes, and at most one operation per 4 KiB of it (128), start in the posting thread; 0 turns that off. |
-//! | `file_inflight_bytes` (268435456) | io_uring: most bytes of O_DIRECT operations in flight per registered file (one operation always may start, so a larger one still runs); 0 = no limit. Other files' posts go ahead while one file is at its budget. |
+//! | Parameter | Default | Values | What it does |
+//! |---|---|---|---|
+//! | `engine` | `auto` | one of auto, io_uring, uring, threads, thread_pool, io_uring+threads | `auto`: O_DIRECT on io_uring, buffered on the thread pool, small buffered posts inline; all on the thread pool without io_uring. `io_uring`: everything on io_uring, or a creation error. `threads`: everything on the thread pool. (`io_uring+threads`, what `params()` reports for `auto`, means `auto`.) |
+//! | `use_uring` | `false` | a boolean (true/false, yes/no, on/off, 1/0) | NIXL's name: same as `engine=io_uring`. |
+//! | `use_aio` | `false` | a boolean (true/false, yes/no, on/off, 1/0) | NIXL's libaio queue, which is asynchronous for O_DIRECT and copies inside `io_submit` for buffered files; `engine=auto` does the same with io_uring and inline posts. |
+//! | `use_posix_aio` | `false` | a boolean (true/false, yes/no, on/off, 1/0) | NIXL's POSIX AIO queue; glibc implements it with threads doing pread/pwrite, so this means `engine=threads`. |
+//! | `ios_pool_size` | `65536` | an integer in 1..=4294967296 | Most I/O operations one post may need (as NIXL's I/O pool, a larger request is refused with `InvalidParam`). |
+//! | `kernel_queue_size` | `256` | an integer in 1..=32768 | io_uring: data operations in flight (the ring is sized from it). |
+//! | `num_threads` | `0` | an integer in 0..=1024 | Workers of the thread-pool engine; 0 = auto: 2 per core, 4–32. |
+//! | `max_io_size` | `16777216` | an integer in 4096..=1073741824 | Largest single read or write (a multiple of 4096); larger segments are split. |
+//! | `inline_max_bytes` | `524288` | an integer in 0..=1073741824 | `engine=auto`: buffered posts of at most this many bytes, and at most one operation per 4 KiB of it (128), start in the posting thread; 0 turns that off. |
+//! | `file_inflight_bytes` | `268435456` | an integer in 0..=1099511627776 | io_uring: most bytes of O_DIRECT operations in flight per registered file (one operation always may start, so a larger one still runs); 0 = no limit. Other files' posts go ahead while one file is at its budget. |
+//! | `engine_fallback_reason` | (empty) | reported only (any value is ignored) | Why `auto` fell back to the thread pool, when it did. |
+//! | `engine_direct` | (empty) | reported only (any value is ignored) | The engine running O_DIRECT posts. |
+//! | `engine_buffered` | (empty) | reported only (any value is ignored) | The engine running buffered posts. |
 //!
 //! `params()` adds `engine_direct`, `engine_buffered` and, after a fallback,
 //! `engine_fallback_reason`; these are accepted back (and ignored) so that a backend's
@@ -136,6 +139,7 @@
 //! does not exist or the meta is empty. Other `stat` failures (EACCES, ELOOP) are errors.
 
 #![warn(missing_docs)]
+#![warn(unreachable_pub)]
 
 mod engine;
 mod meta;
@@ -168,25 +172,29 @@ pub const AUTO_LABEL: &str = "io_uring+threads";
 
 const MEMS: &[MemType] = &[MemType::Dram, MemType::File, MemType::Blk];
 
-/// Registry entry (add it to the agent's static backend list).
-pub const FACTORY: BackendFactory = BackendFactory {
-    name: NAME,
-    mems: MEMS,
-    default_params: params::DEFAULTS,
-    create,
-};
+/// Registry entry: how the agent creates `POSIX`.
+pub const FACTORY: BackendFactory = BackendFactory::new(NAME, params::PARAMS, capabilities, create);
+
+/// What POSIX does, stated once: DRAM to and from files and block devices of its own agent.
+/// It registers DRAM too, as the source and destination of its I/O, but never moves DRAM to
+/// DRAM, so the agent does not pick it for that.
+fn capabilities() -> Capabilities {
+    Capabilities::new(MEMS)
+        .moving(MemType::Dram, MemType::File)
+        .moving(MemType::Dram, MemType::Blk)
+        .local()
+        .query_mem()
+}
 
 fn create(ctx: BackendContext) -> Result<Arc<dyn Backend>> {
-    Ok(Arc::new(Posix::new(&ctx.params)?))
+    Ok(Arc::new(Posix::new(ctx.params().values())?))
 }
 
 /// The `POSIX` backend. See the crate documentation.
 #[derive(Debug)]
-pub struct Posix {
+pub(crate) struct Posix {
     cfg: Config,
     params: Params,
-    /// What `params()["engine"]` reports.
-    engine_label: &'static str,
     /// Runs posts that touch an O_DIRECT file.
     direct: Arc<dyn Engine>,
     /// Runs posts on buffered files only.
@@ -200,11 +208,8 @@ pub struct Posix {
 
 impl Posix {
     /// Creates the backend from its parameters (see the crate documentation).
-    pub fn new(given: &Params) -> Result<Posix> {
-        let mut params: Params = params::DEFAULTS
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect();
+    pub(crate) fn new(given: &Params) -> Result<Posix> {
+        let mut params: Params = rixl_backend::defaults(params::PARAMS);
         params.extend(given.iter().map(|(k, v)| (k.clone(), v.clone())));
         let cfg = Config::from_params(&params)?;
         let threads = |cfg: &Config| -> Result<Arc<dyn Engine>> {
@@ -248,20 +253,12 @@ impl Posix {
         Ok(Posix {
             cfg,
             params,
-            engine_label: label,
             direct,
             buffered,
             inline_max,
             regions: RwLock::new(HashMap::new()),
             next_token: AtomicU64::new(1),
         })
-    }
-
-    /// The engine in use, as `params()["engine"]` reports it: `"io_uring"`, `"threads"`, or
-    /// `"io_uring+threads"` (`engine=auto`: O_DIRECT files on io_uring, buffered ones on the
-    /// thread pool).
-    pub fn engine_name(&self) -> &'static str {
-        self.engine_label
     }
 
     /// The prepared transfer for `plan`: which engine runs it and whether it starts inline.
@@ -450,12 +447,7 @@ impl Backend for Posix {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            remote: false,
-            local: true,
-            notif: false,
-            mems: MEMS.to_vec(),
-        }
+        capabilities()
     }
 
     fn params(&self) -> Params {
@@ -463,10 +455,6 @@ impl Backend for Posix {
     }
 
     /// Host memory to and from storage only: DRAM→DRAM is another backend's job.
-    fn moves(&self, local: MemType, target: MemType) -> bool {
-        local == MemType::Dram && matches!(target, MemType::File | MemType::Blk)
-    }
-
     unsafe fn register(&self, mem: MemType, desc: &RegDesc) -> Result<LocalRegion> {
         let token = self.next_token.fetch_add(1, Ordering::Relaxed);
         match mem {
@@ -587,3 +575,14 @@ impl Drop for PosixXfer {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod params_doc_tests {
+    /// The parameter table in the crate docs is the one the code declares.
+    #[test]
+    fn crate_docs_list_the_declared_parameters() {
+        if let Err(e) = rixl_backend::docs_match(super::params::PARAMS, include_str!("lib.rs")) {
+            panic!("{e}");
+        }
+    }
+}

@@ -29,12 +29,12 @@ pub(crate) struct PathMode<'a> {
 
 impl<'a> PathMode<'a> {
     /// The path as a `Path`.
-    pub fn path(&self) -> &'a Path {
+    pub(crate) fn path(&self) -> &'a Path {
         Path::new(OsStr::from_bytes(self.path))
     }
 
     /// `open(2)` flags for this mode (always `O_CLOEXEC`).
-    pub fn open_flags(&self) -> libc::c_int {
+    pub(crate) fn open_flags(&self) -> libc::c_int {
         let mut f = if self.write {
             libc::O_RDWR
         } else {

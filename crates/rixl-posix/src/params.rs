@@ -1,24 +1,33 @@
 //! Backend parameters: RIXL's own names and NIXL's, and how they map onto the engines.
 
+use rixl_backend::{ParamKind, ParamSpec};
 use rixl_core::{Error, Params, Result};
 
-/// Advertised parameters and their defaults (what `get_plugin_params("POSIX")` reports).
-pub(crate) const DEFAULTS: &[(&str, &str)] = &[
-    ("engine", "auto"),
-    ("use_uring", "false"),
-    ("use_aio", "false"),
-    ("use_posix_aio", "false"),
-    ("ios_pool_size", "65536"),
-    ("kernel_queue_size", "256"),
-    ("num_threads", "0"),
-    ("max_io_size", "16777216"),
-    ("inline_max_bytes", "524288"),
-    ("file_inflight_bytes", "268435456"),
-];
+const fn int(min: u64, max: u64) -> ParamKind {
+    ParamKind::Int { min, max }
+}
 
-/// Keys `params()` reports but that configure nothing; accepted back so that a backend's
+/// The parameters, declared once: `get_plugin_params("POSIX")` reports the defaults, the agent
+/// validates each value's form against it, the crate docs carry its table (checked by a test),
+/// and [`Config::from_params`] adds the checks across parameters. The report-only entries are
+/// what `params()` adds (the engines actually chosen), accepted back so that a backend's
 /// effective parameters can create a new backend unchanged.
-const REPORT_ONLY: &[&str] = &["engine_fallback_reason", "engine_direct", "engine_buffered"];
+pub(crate) const PARAMS: &[ParamSpec] = &[
+    ParamSpec::new("engine", ParamKind::Choice(&["auto", "io_uring", "uring", "threads", "thread_pool", crate::AUTO_LABEL]), "auto",
+        "`auto`: O_DIRECT on io_uring, buffered on the thread pool, small buffered posts inline; all on the thread pool without io_uring. `io_uring`: everything on io_uring, or a creation error. `threads`: everything on the thread pool. (`io_uring+threads`, what `params()` reports for `auto`, means `auto`.)"),
+    ParamSpec::new("use_uring", ParamKind::Bool, "false", "NIXL's name: same as `engine=io_uring`."),
+    ParamSpec::new("use_aio", ParamKind::Bool, "false", "NIXL's libaio queue, which is asynchronous for O_DIRECT and copies inside `io_submit` for buffered files; `engine=auto` does the same with io_uring and inline posts."),
+    ParamSpec::new("use_posix_aio", ParamKind::Bool, "false", "NIXL's POSIX AIO queue; glibc implements it with threads doing pread/pwrite, so this means `engine=threads`."),
+    ParamSpec::new("ios_pool_size", int(1, 1 << 32), "65536", "Most I/O operations one post may need (as NIXL's I/O pool, a larger request is refused with `InvalidParam`)."),
+    ParamSpec::new("kernel_queue_size", int(1, MAX_QUEUE as u64), "256", "io_uring: data operations in flight (the ring is sized from it)."),
+    ParamSpec::new("num_threads", int(0, 1024), "0", "Workers of the thread-pool engine; 0 = auto: 2 per core, 4–32."),
+    ParamSpec::new("max_io_size", int(4096, 1 << 30), "16777216", "Largest single read or write (a multiple of 4096); larger segments are split."),
+    ParamSpec::new("inline_max_bytes", int(0, 1 << 30), "524288", "`engine=auto`: buffered posts of at most this many bytes, and at most one operation per 4 KiB of it (128), start in the posting thread; 0 turns that off."),
+    ParamSpec::new("file_inflight_bytes", int(0, 1 << 40), "268435456", "io_uring: most bytes of O_DIRECT operations in flight per registered file (one operation always may start, so a larger one still runs); 0 = no limit. Other files' posts go ahead while one file is at its budget."),
+    ParamSpec::new("engine_fallback_reason", ParamKind::ReportOnly, "", "Why `auto` fell back to the thread pool, when it did."),
+    ParamSpec::new("engine_direct", ParamKind::ReportOnly, "", "The engine running O_DIRECT posts."),
+    ParamSpec::new("engine_buffered", ParamKind::ReportOnly, "", "The engine running buffered posts."),
+];
 
 /// Which engine the caller asked for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,24 +98,10 @@ pub(crate) fn auto_threads() -> usize {
 impl Config {
     /// Parses the merged parameters (defaults overridden by the caller's). Unknown keys are
     /// refused so that a misspelt tuning knob does not silently do nothing.
-    pub fn from_params(p: &Params) -> Result<Config> {
-        for k in p.keys() {
-            if !DEFAULTS.iter().any(|(d, _)| d == k) && !REPORT_ONLY.contains(&k.as_str()) {
-                let known: Vec<&str> = DEFAULTS.iter().map(|(k, _)| *k).collect();
-                return Err(Error::invalid_param(format!(
-                    "POSIX does not know parameter {k:?} (known: {})",
-                    known.join(", ")
-                )));
-            }
-        }
-        let get = |k: &str| -> &str {
-            p.get(k).map(String::as_str).unwrap_or_else(|| {
-                DEFAULTS
-                    .iter()
-                    .find(|(d, _)| *d == k)
-                    .map_or("", |(_, v)| v)
-            })
-        };
+    pub(crate) fn from_params(given: &Params) -> Result<Config> {
+        let parsed = rixl_backend::validate(crate::NAME, PARAMS, given)?;
+        let p = parsed.values();
+        let get = |k: &str| -> &str { p.get(k).map_or("", String::as_str) };
         let use_uring = parse_bool("use_uring", get("use_uring"))?;
         let use_aio = parse_bool("use_aio", get("use_aio"))?;
         let use_posix_aio = parse_bool("use_posix_aio", get("use_posix_aio"))?;

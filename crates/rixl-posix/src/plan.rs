@@ -45,18 +45,18 @@ pub(crate) enum Inline {
 }
 
 impl Plan {
-    pub fn region(&self, c: &Chunk) -> &Region {
+    pub(crate) fn region(&self, c: &Chunk) -> &Region {
         &self.regions[c.region as usize]
     }
 
     /// True if some chunk is on an O_DIRECT file.
-    pub fn any_direct(&self) -> bool {
+    pub(crate) fn any_direct(&self) -> bool {
         self.regions.iter().any(|r| r.direct)
     }
 
     /// True if the posting thread may run this plan itself: only buffered files, and no write
     /// to an O_SYNC file (which would wait for the device).
-    pub fn inline_ok(&self) -> bool {
+    pub(crate) fn inline_ok(&self) -> bool {
         !self
             .regions
             .iter()
@@ -67,7 +67,7 @@ impl Plan {
     /// writes to one file take its inode lock for the whole copy (ext4, xfs, btrfs), so a
     /// second thread only waits and adds lock hand-offs. O_DIRECT and O_SYNC writes spend
     /// their time waiting for the device, outside that lock, and do run in parallel.
-    pub fn serial_on(&self, r: &Region) -> bool {
+    pub(crate) fn serial_on(&self, r: &Region) -> bool {
         self.op == XferOp::Write && !r.direct && !r.sync
     }
 
@@ -79,7 +79,7 @@ impl Plan {
     }
 
     /// An operation failed with an OS error after `done` of its bytes had moved.
-    pub fn io_error(&self, c: &Chunk, done: u64, err: &io::Error) -> Error {
+    pub(crate) fn io_error(&self, c: &Chunk, done: u64, err: &io::Error) -> Error {
         let r = self.region(c);
         let after = if done > 0 {
             format!(" after {done} bytes")
@@ -103,7 +103,7 @@ impl Plan {
     }
 
     /// A read reached the end of the file after `got` bytes.
-    pub fn eof_error(&self, c: &Chunk, got: u64) -> Error {
+    pub(crate) fn eof_error(&self, c: &Chunk, got: u64) -> Error {
         let r = self.region(c);
         Error::backend(format!(
             "POSIX read of {} bytes at offset {} of {} returned {got}: end of file (the file \
@@ -120,7 +120,7 @@ impl Plan {
 
     /// A write made no progress without reporting an error (never expected from Linux; turned
     /// into an error so that it cannot loop forever).
-    pub fn stalled_write_error(&self, c: &Chunk, done: u64) -> Error {
+    pub(crate) fn stalled_write_error(&self, c: &Chunk, done: u64) -> Error {
         let r = self.region(c);
         Error::backend(format!(
             "POSIX write of {} bytes at offset {} of {} wrote nothing after {done} bytes",
@@ -134,7 +134,7 @@ impl Plan {
     /// After a short O_DIRECT read of `done` bytes: is that the end of the file? (A buffered
     /// read is simply retried and returns 0 at the end, but retrying an O_DIRECT read from an
     /// unaligned end-of-file offset fails with EINVAL instead, which would hide the real cause.)
-    pub fn direct_read_hit_eof(&self, c: &Chunk, done: u64) -> bool {
+    pub(crate) fn direct_read_hit_eof(&self, c: &Chunk, done: u64) -> bool {
         let r = self.region(c);
         r.direct
             && self.op == XferOp::Read
@@ -143,7 +143,7 @@ impl Plan {
 
     /// Runs one chunk with blocking pread/pwrite, resuming after short transfers; stops early
     /// (without error: the post reports why it stopped) once `stop` is set.
-    pub fn run_blocking(&self, c: &Chunk, stop: &AtomicBool) -> Result<()> {
+    pub(crate) fn run_blocking(&self, c: &Chunk, stop: &AtomicBool) -> Result<()> {
         let r = self.region(c);
         let len = u64::from(c.len);
         let mut done = 0u64;
@@ -192,7 +192,7 @@ impl Plan {
     /// is handed back, to be redone in full by an engine (reading it again is harmless).
     /// Writes are plain `pwrite`s ([`Plan::inline_ok`] keeps O_SYNC files out), which copy
     /// into the page cache. An error fails the whole post, as it would on an engine.
-    pub fn run_inline(&self) -> Result<Inline> {
+    pub(crate) fn run_inline(&self) -> Result<Inline> {
         static NEVER: AtomicBool = AtomicBool::new(false);
         for (i, c) in self.chunks.iter().enumerate() {
             match self.op {
@@ -275,7 +275,7 @@ pub(crate) struct Post {
 
 impl Post {
     /// A post of chunks `first..` of `plan`.
-    pub fn new(plan: Arc<Plan>, first: usize, done: CompletionHandle) -> Arc<Post> {
+    pub(crate) fn new(plan: Arc<Plan>, first: usize, done: CompletionHandle) -> Arc<Post> {
         let n = plan.chunks.len() - first;
         Arc::new(Post {
             plan,
@@ -290,18 +290,18 @@ impl Post {
 
     /// True once the post failed or was cancelled: start nothing more of it.
     #[inline]
-    pub fn stopped(&self) -> bool {
+    pub(crate) fn stopped(&self) -> bool {
         self.stop.load(Ordering::Acquire)
     }
 
     /// The flag engines pass to blocking I/O so it can give up early.
-    pub fn stop_flag(&self) -> &AtomicBool {
+    pub(crate) fn stop_flag(&self) -> &AtomicBool {
         &self.stop
     }
 
     /// Accounts for `n` chunks; `result` is theirs (only the first error of a post is kept).
     /// Returns true when these were the last ones: the caller must then call [`Post::finish`].
-    pub fn chunks_done(&self, n: usize, result: Result<()>) -> bool {
+    pub(crate) fn chunks_done(&self, n: usize, result: Result<()>) -> bool {
         if n == 0 {
             return false;
         }
@@ -316,7 +316,7 @@ impl Post {
     }
 
     /// Reports the post's result and wakes `cancel` waiters.
-    pub fn finish(&self) {
+    pub(crate) fn finish(&self) {
         let result = {
             let mut s = self.slow.lock();
             s.finished = true;
@@ -333,7 +333,7 @@ impl Post {
     }
 
     /// Marks the post cancelled. Returns false if it had already finished (nothing to do).
-    pub fn request_cancel(&self) -> bool {
+    pub(crate) fn request_cancel(&self) -> bool {
         let mut s = self.slow.lock();
         if s.finished {
             return false;
@@ -344,7 +344,7 @@ impl Post {
     }
 
     /// Blocks until every chunk of the post is accounted for.
-    pub fn wait_finished(&self) {
+    pub(crate) fn wait_finished(&self) {
         let mut s = self.slow.lock();
         while !s.finished {
             self.cv.wait(&mut s);
@@ -353,7 +353,7 @@ impl Post {
 
     /// Whether the post has finished.
     #[cfg(test)]
-    pub fn is_finished(&self) -> bool {
+    pub(crate) fn is_finished(&self) -> bool {
         self.slow.lock().finished
     }
 }

@@ -183,7 +183,7 @@ pub(crate) fn dio_align(fd: RawFd) -> DioAlign {
 
 impl Region {
     /// Opens the file of a path-mode registration.
-    pub fn open(mem: MemType, m: &PathMode<'_>) -> Result<Region> {
+    pub(crate) fn open(mem: MemType, m: &PathMode<'_>) -> Result<Region> {
         let path = m.path();
         let c = cstring(path)?;
         // SAFETY: `c` is a valid NUL-terminated string; the mode argument is read only with
@@ -233,7 +233,7 @@ impl Region {
 
     /// Adopts a caller-owned fd (NIXL's fd-in-`dev` mode). `meta`, if it is a plain path, only
     /// improves messages.
-    pub fn borrow_fd(mem: MemType, dev: u64, meta: &[u8]) -> Result<Region> {
+    pub(crate) fn borrow_fd(mem: MemType, dev: u64, meta: &[u8]) -> Result<Region> {
         let fd = RawFd::try_from(dev).map_err(|_| {
             Error::invalid_param(format!(
                 "{mem} registration: dev {dev} is not a file descriptor (and the meta bytes are \
@@ -292,7 +292,7 @@ impl Region {
 
     /// True when the backend opened (and will close) the file.
     #[cfg(test)]
-    pub fn owned(&self) -> bool {
+    pub(crate) fn owned(&self) -> bool {
         self.owned.as_ref().map(AsRawFd::as_raw_fd) == Some(self.fd)
     }
 }

@@ -24,7 +24,7 @@ fn backend_with(kv: &[(&str, &str)]) -> Posix {
 fn backend(engine: &str) -> Posix {
     let b = backend_with(&[("engine", engine)]);
     let expect = if engine == "auto" { AUTO_LABEL } else { engine };
-    assert_eq!(b.engine_name(), expect);
+    assert_eq!(b.params()["engine"].as_str(), expect);
     b
 }
 
@@ -142,6 +142,7 @@ fn plan(b: &Posix, op: XferOp, dtok: u64, ftok: u64, segs: &[(u64, u64, u64)]) -
         remote_mem: MemType::File,
         local,
         remote,
+        ext: None,
     })
 }
 
@@ -495,6 +496,7 @@ fn unsupported_transfers_and_params() {
             remote_mem: MemType::Dram,
             local: seg(t),
             remote: seg(t),
+            ext: None,
         })
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::NotSupported, "{e}");
@@ -553,7 +555,7 @@ fn unsupported_transfers_and_params() {
 fn params_report_the_engine_in_use() {
     let b = backend_with(&[]);
     let p = b.params();
-    assert_eq!(p["engine"], b.engine_name());
+    assert_eq!(p["engine"], b.params()["engine"].as_str());
     assert_eq!(p["ios_pool_size"], "65536");
     assert_eq!(p["kernel_queue_size"], "256");
     let b = backend_with(&[("use_posix_aio", "true")]);
@@ -662,7 +664,7 @@ fn falls_back_to_threads_when_io_uring_is_blocked() {
         };
         assert_eq!(r, 0, "seccomp: {}", std::io::Error::last_os_error());
         let b = backend_with(&[]);
-        assert_eq!(b.engine_name(), "threads");
+        assert_eq!(b.params()["engine"].as_str(), "threads");
         let reason = &b.params()["engine_fallback_reason"];
         assert!(reason.contains("setup failed"), "{reason}");
         let e = Posix::new(&[("engine".to_owned(), "io_uring".to_owned())].into()).unwrap_err();
@@ -719,7 +721,7 @@ fn auto_routes_by_file_kind_and_size() {
     assert_eq!(p["engine_buffered"], "threads");
     assert_eq!(p["inline_max_bytes"], "524288");
     let again = Posix::new(&p).unwrap();
-    assert_eq!(again.engine_name(), AUTO_LABEL);
+    assert_eq!(again.params()["engine"].as_str(), AUTO_LABEL);
     let buf = Aligned::new(1 << 20);
     let s = dram(&b, buf.addr(), 1 << 20);
     let (fd, fb, fs) = (TmpFile::new("ad"), TmpFile::new("ab"), TmpFile::new("as"));
@@ -894,6 +896,7 @@ fn plan2(b: &Posix, op: XferOp, dtok: u64, segs: &[SegmentPair]) -> Plan {
         remote_mem: MemType::File,
         local,
         remote,
+        ext: None,
     })
     .unwrap()
 }

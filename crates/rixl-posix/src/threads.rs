@@ -72,7 +72,7 @@ pub(crate) struct Threads {
 }
 
 impl Threads {
-    pub fn new(n: usize) -> Result<Threads> {
+    pub(crate) fn new(n: usize) -> Result<Threads> {
         let shared = Arc::new(Shared::default());
         let mut workers = Vec::with_capacity(n);
         for i in 0..n.max(1) {

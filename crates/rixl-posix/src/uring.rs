@@ -155,7 +155,7 @@ impl Uring {
     /// Sets up a ring for `depth` data operations in flight. Any failure (no io_uring in the
     /// kernel, `io_uring_disabled`, a seccomp filter, missing opcodes) is an error the caller
     /// may answer by falling back to the thread pool.
-    pub fn new(depth: u32, file_cap: u64) -> Result<Uring> {
+    pub(crate) fn new(depth: u32, file_cap: u64) -> Result<Uring> {
         // Room for every data operation, one cancel per data operation and the wake-up poll,
         // so that one loop iteration can never overfill the submission queue. The completion
         // queue is twice as large (the kernel default), so it cannot overflow either.

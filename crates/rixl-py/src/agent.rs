@@ -335,7 +335,7 @@ impl LowAgent {
             notif,
             backends,
             skip_desc_merge: skip,
-            timeout: None,
+            ..XferOptions::default()
         }
     }
 }

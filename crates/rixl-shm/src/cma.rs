@@ -7,11 +7,11 @@
 use rixl_core::{Error, ErrorKind, Result, Segment, XferOp};
 
 /// Most iovecs per call (Linux `UIO_MAXIOV`).
-pub const IOV_MAX: usize = 1024;
+pub(crate) const IOV_MAX: usize = 1024;
 
 /// A position inside a segment list: segment index and byte offset within it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Cursor {
+pub(crate) struct Cursor {
     /// Segment index.
     pub seg: usize,
     /// Offset inside that segment.
@@ -20,7 +20,7 @@ pub struct Cursor {
 
 /// Moves all of `local[..]` ↔ `remote[..]` (equal lengths position by position) with the
 /// process `pid`. `keep_going` is consulted before every system call (cancellation).
-pub fn transfer(
+pub(crate) fn transfer(
     pid: u32,
     op: XferOp,
     local: &[Segment],
@@ -147,7 +147,7 @@ fn advance(segs: &[Segment], cur: &mut Cursor, mut bytes: u64) {
 }
 
 /// Maps an errno from `process_vm_*` to an error that says what to do.
-pub fn os_error(pid: u32, op: XferOp, err: &std::io::Error) -> Error {
+pub(crate) fn os_error(pid: u32, op: XferOp, err: &std::io::Error) -> Error {
     let errno = err.raw_os_error().unwrap_or(0);
     let (kind, msg) = match errno {
         libc::ESRCH => (

@@ -29,13 +29,32 @@
 //! Registration asks the kernel, from a background thread, to back large DRAM regions with
 //! transparent huge pages (`thp`): the peer's `process_vm_*` calls pin this process's pages one
 //! by one, and on 4 KiB pages that doubles the cost of a 1 MiB copy.
+//!
+//! ## Parameters
+//!
+//! | Parameter | Default | Values | What it does |
+//! |---|---|---|---|
+//! | `inline_max_bytes` | `4194304` | an integer ≥ 0 | Posts of at most this many bytes are copied by the posting thread; larger ones are split across the workers. |
+//! | `workers` | `0` | an integer in 0..=64 | Copy threads for large posts; 0 picks the number of cores, at most 4. |
+//! | `socket_dir` | (empty) | any text | Directory of the control socket; empty uses `RIXL_SHM_DIR`, then `XDG_RUNTIME_DIR`, then /tmp. |
+//! | `huge_pages` | `collapse` | one of collapse, off | Whether registered regions are moved onto transparent huge pages in the background. |
+
+#![warn(unreachable_pub)]
 
 mod cma;
+#[allow(unreachable_pub)] // `ConnInfo` is `pub` for the `internals` build
 mod host;
 mod pool;
 mod ring;
 mod thp;
+/// The control-socket frames, public only with the `internals` feature (fuzz targets build
+/// frames with it); not a stable API.
+#[cfg(feature = "internals")]
+#[doc(hidden)]
 pub mod wire;
+#[cfg(not(feature = "internals"))]
+#[allow(unreachable_pub)] // `pub` for the `internals` build
+mod wire;
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -46,30 +65,65 @@ use std::sync::Arc;
 
 use parking_lot::{Condvar, Mutex};
 use rixl_backend::{
-    Backend, BackendContext, BackendFactory, BackendXfer, LocalRegion, PostOutcome, XferSpec,
+    Backend, BackendContext, BackendFactory, BackendXfer, LocalRegion, Notifications, ParamKind,
+    ParamSpec, PostOutcome, RemotePeers, XferSpec,
 };
 use rixl_core::{
     Capabilities, CompletionHandle, CostEstimate, CostMethod, Desc, Error, ErrorKind, MemType,
     Params, RegDesc, Result, Segment, SegmentVec, XferOp,
 };
 
-pub use host::{ConnInfo, HostIdentity};
+#[cfg(feature = "internals")]
+#[doc(hidden)]
+pub use host::ConnInfo;
+#[cfg(not(feature = "internals"))]
+use host::ConnInfo;
+use host::HostIdentity;
 
 /// The backend's name.
 pub const NAME: &str = "SHM";
 
-/// Registry entry.
-pub const FACTORY: BackendFactory = BackendFactory {
-    name: NAME,
-    mems: &[MemType::Dram],
-    default_params: &[
-        ("inline_max_bytes", "4194304"),
-        ("workers", "0"),
-        ("socket_dir", ""),
-        ("huge_pages", "collapse"),
-    ],
-    create,
-};
+/// Registry entry: how the agent creates `SHM`.
+pub const FACTORY: BackendFactory = BackendFactory::new(NAME, PARAMS, capabilities, create);
+
+/// The parameters, declared once (defaults, validation, `get_plugin_params` and the table in
+/// the crate docs all come from here).
+const PARAMS: &[ParamSpec] = &[
+    ParamSpec::new(
+        "inline_max_bytes",
+        ParamKind::Int { min: 0, max: u64::MAX },
+        "4194304",
+        "Posts of at most this many bytes are copied by the posting thread; larger ones are split across the workers.",
+    ),
+    ParamSpec::new(
+        "workers",
+        ParamKind::Int { min: 0, max: 64 },
+        "0",
+        "Copy threads for large posts; 0 picks the number of cores, at most 4.",
+    ),
+    ParamSpec::new(
+        "socket_dir",
+        ParamKind::Text,
+        "",
+        "Directory of the control socket; empty uses `RIXL_SHM_DIR`, then `XDG_RUNTIME_DIR`, then /tmp.",
+    ),
+    ParamSpec::new(
+        "huge_pages",
+        ParamKind::Choice(&["collapse", "off"]),
+        "collapse",
+        "Whether registered regions are moved onto transparent huge pages in the background.",
+    ),
+];
+
+/// What SHM does, stated once: DRAM between processes of one host. One-sided: the target
+/// takes no part in a transfer, so it cannot fence a peer's writes into memory it
+/// deregisters.
+fn capabilities() -> Capabilities {
+    Capabilities::new(&[MemType::Dram])
+        .moving(MemType::Dram, MemType::Dram)
+        .remote()
+        .estimates_cost()
+}
 
 /// Pieces a large post is cut into are at least this big.
 const MIN_PART: u64 = 256 << 10;
@@ -83,32 +137,17 @@ static NEXT_INSTANCE: AtomicU64 = AtomicU64::new(1);
 static LOCAL_INSTANCES: Mutex<Vec<String>> = Mutex::new(Vec::new());
 
 fn create(ctx: BackendContext) -> Result<Arc<dyn Backend>> {
-    for k in ctx.params.keys() {
-        if !FACTORY.default_params.iter().any(|(d, _)| d == k) {
-            return Err(Error::invalid_param(format!("SHM has no parameter {k:?}")));
-        }
-    }
-    let inline_max: u64 = ctx.param("inline_max_bytes")?.unwrap_or(4 << 20);
-    let mut workers: usize = ctx.param("workers")?.unwrap_or(0);
+    let p = ctx.params();
+    let inline_max = p.int("inline_max_bytes");
+    let mut workers = p.int("workers") as usize;
     if workers == 0 {
         workers = std::thread::available_parallelism()
             .map_or(2, |n| n.get())
             .min(4);
     }
-    let collapse = match ctx.params.get("huge_pages").map(String::as_str) {
-        None | Some("collapse") => true,
-        Some("off") => false,
-        Some(other) => {
-            return Err(Error::invalid_param(format!(
-                "SHM parameter huge_pages is \"collapse\" or \"off\", not {other:?}"
-            )))
-        }
-    };
-    let dir = ctx
-        .params
-        .get("socket_dir")
+    let collapse = p.text("huge_pages") == "collapse";
+    let dir = Some(p.text("socket_dir").to_owned())
         .filter(|d| !d.is_empty())
-        .cloned()
         .or_else(|| std::env::var("RIXL_SHM_DIR").ok())
         .or_else(|| std::env::var("XDG_RUNTIME_DIR").ok())
         .unwrap_or_else(|| "/tmp".to_owned());
@@ -147,7 +186,7 @@ fn create(ctx: BackendContext) -> Result<Arc<dyn Backend>> {
         .name("rixl-shm-accept".into())
         .spawn(move || accept_loop(&s2, listener))
         .map_err(|e| Error::from_io(ErrorKind::Backend, "SHM cannot start its thread", &e))?;
-    let mut params = ctx.params.clone();
+    let mut params = ctx.params().values().clone();
     params.insert("inline_max_bytes".into(), inline_max.to_string());
     params.insert("workers".into(), workers.to_string());
     params.insert("socket_dir".into(), dir);
@@ -418,7 +457,7 @@ fn drain(shared: &Shared, inbound: &Inbound, st: &mut InState, read_socket: bool
                     // With a ring, a socket notification waits for its place in the ring.
                     (wire::Kind::Notif, Some(name)) => match inbound.ring.get() {
                         Some(_) => st.pending.push_back(payload.to_vec()),
-                        None => shared.ctx.notifs.deliver(name, payload),
+                        None => shared.ctx.notifs().deliver(name, payload),
                     },
                     (wire::Kind::Doorbell, Some(_)) => {}
                     (wire::Kind::Bye, _) => break Some(End::Bye),
@@ -502,12 +541,12 @@ fn drain_ring(shared: &Shared, inbound: &Inbound, st: &mut InState) -> Option<En
     let mut stalled = false;
     let res = ring.drain(|rec| match rec {
         ring::Record::Msg(m) => {
-            shared.ctx.notifs.deliver(name, &m);
+            shared.ctx.notifs().deliver(name, &m);
             true
         }
         ring::Record::Socket => match pending.pop_front() {
             Some(m) => {
-                shared.ctx.notifs.deliver(name, &m);
+                shared.ctx.notifs().deliver(name, &m);
                 true
             }
             None => {
@@ -700,7 +739,7 @@ fn connect_peer(shared: &Arc<Shared>, peer: &Arc<Peer>) -> Result<()> {
     wire::write_frame(
         &mut conn,
         wire::Kind::Hello,
-        shared.ctx.agent_name.as_bytes(),
+        shared.ctx.agent_name().as_bytes(),
     )
     .map_err(|e| {
         Error::from_io(ErrorKind::RemoteDisconnect, "SHM hello failed", &e).with_peer(&peer.name)
@@ -939,12 +978,7 @@ impl Backend for Shm {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            remote: true,
-            local: false,
-            notif: true,
-            mems: vec![MemType::Dram],
-        }
+        capabilities()
     }
 
     fn params(&self) -> Params {
@@ -970,8 +1004,52 @@ impl Backend for Shm {
         Ok(())
     }
 
-    fn conn_info(&self) -> Option<Vec<u8>> {
-        Some(self.me.encode())
+    fn shutdown(&self) {
+        self.teardown();
+    }
+
+    unsafe fn prepare_xfer(&self, spec: XferSpec<'_>) -> Result<Box<dyn BackendXfer>> {
+        if spec.local_mem != MemType::Dram || spec.remote_mem != MemType::Dram {
+            return Err(Error::not_supported("SHM moves DRAM only"));
+        }
+        if spec.loopback {
+            return Err(Error::not_supported(
+                "SHM does not serve transfers to the agent itself",
+            ));
+        }
+        let peer = self.shared.peer(spec.peer)?;
+        // The control connection is also the liveness check of every post: make it now.
+        connect_peer(&self.shared, &peer)?;
+        let total = spec.local.iter().map(|s| s.len).sum();
+        let pool = if total > self.inline_max {
+            Some(self.pool()?)
+        } else {
+            None
+        };
+        Ok(Box::new(ShmXfer {
+            op: spec.op,
+            peer,
+            shared: self.shared.clone(),
+            local: Arc::new(spec.local),
+            remote: Arc::new(spec.remote),
+            total,
+            pool,
+            current: Mutex::new(None),
+        }))
+    }
+
+    fn remote(&self) -> Option<&dyn RemotePeers> {
+        Some(self)
+    }
+
+    fn notifications(&self) -> Option<&dyn Notifications> {
+        Some(self)
+    }
+}
+
+impl RemotePeers for Shm {
+    fn conn_info(&self) -> Vec<u8> {
+        self.me.encode()
     }
 
     fn load_remote_conn_info(&self, peer: &str, info: &[u8]) -> Result<()> {
@@ -1031,10 +1109,6 @@ impl Backend for Shm {
         Ok(())
     }
 
-    fn shutdown(&self) {
-        self.teardown();
-    }
-
     fn disconnect(&self, peer: &str) {
         let Some(p) = self.shared.peers.lock().remove(peer) else {
             return;
@@ -1047,37 +1121,9 @@ impl Backend for Shm {
             let _ = c.shutdown(std::net::Shutdown::Both);
         }
     }
+}
 
-    unsafe fn prepare_xfer(&self, spec: XferSpec<'_>) -> Result<Box<dyn BackendXfer>> {
-        if spec.local_mem != MemType::Dram || spec.remote_mem != MemType::Dram {
-            return Err(Error::not_supported("SHM moves DRAM only"));
-        }
-        if spec.loopback {
-            return Err(Error::not_supported(
-                "SHM does not serve transfers to the agent itself",
-            ));
-        }
-        let peer = self.shared.peer(spec.peer)?;
-        // The control connection is also the liveness check of every post: make it now.
-        connect_peer(&self.shared, &peer)?;
-        let total = spec.local.iter().map(|s| s.len).sum();
-        let pool = if total > self.inline_max {
-            Some(self.pool()?)
-        } else {
-            None
-        };
-        Ok(Box::new(ShmXfer {
-            op: spec.op,
-            peer,
-            shared: self.shared.clone(),
-            local: Arc::new(spec.local),
-            remote: Arc::new(spec.remote),
-            total,
-            pool,
-            current: Mutex::new(None),
-        }))
-    }
-
+impl Notifications for Shm {
     fn send_notif(&self, peer: &str, msg: &[u8]) -> Result<()> {
         let p = self.shared.peer(peer)?;
         send_notif_to(&self.shared, &p, msg, false)
@@ -1420,6 +1466,17 @@ mod tests {
                     .unwrap();
                 assert_eq!(b.addr - r[k].addr, a.addr - l[k].addr);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod params_doc_tests {
+    /// The parameter table in the crate docs is the one the code declares.
+    #[test]
+    fn crate_docs_list_the_declared_parameters() {
+        if let Err(e) = rixl_backend::docs_match(super::PARAMS, include_str!("lib.rs")) {
+            panic!("{e}");
         }
     }
 }

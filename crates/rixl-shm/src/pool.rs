@@ -19,7 +19,7 @@ struct Queue {
 }
 
 /// A fixed set of worker threads.
-pub struct Pool {
+pub(crate) struct Pool {
     shared: Arc<(Mutex<Queue>, Condvar)>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
@@ -34,7 +34,7 @@ impl std::fmt::Debug for Pool {
 
 impl Pool {
     /// Starts `n` workers named `name`.
-    pub fn new(n: usize, name: &str) -> std::io::Result<Pool> {
+    pub(crate) fn new(n: usize, name: &str) -> std::io::Result<Pool> {
         let shared: Arc<(Mutex<Queue>, Condvar)> = Arc::default();
         let mut threads = Vec::with_capacity(n);
         for i in 0..n {
@@ -49,12 +49,12 @@ impl Pool {
     }
 
     /// Number of workers.
-    pub fn size(&self) -> usize {
+    pub(crate) fn size(&self) -> usize {
         self.threads.len()
     }
 
     /// Queues a job.
-    pub fn spawn(&self, job: Job) {
+    pub(crate) fn spawn(&self, job: Job) {
         let (q, cv) = &*self.shared;
         q.lock().jobs.push_back(job);
         cv.notify_one();

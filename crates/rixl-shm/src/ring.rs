@@ -31,7 +31,7 @@ use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// Bytes of ring data per connection.
-pub const DEFAULT_CAP: u64 = 256 * 1024;
+pub(crate) const DEFAULT_CAP: u64 = 256 * 1024;
 const HEADER: u64 = 256;
 const TAIL_OFF: usize = 0;
 const HEAD_OFF: usize = 64;
@@ -50,7 +50,7 @@ const KIND_SOCKET: u32 = 3;
 const FULL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A mapped ring, either side.
-pub struct Ring {
+pub(crate) struct Ring {
     base: *mut u8,
     cap: u64,
     /// Keeps the memfd open (the receiver opens it by path through `/proc/<pid>/fd/<fd>`).
@@ -74,7 +74,7 @@ impl std::fmt::Debug for Ring {
 }
 
 /// What the receiver found in the ring.
-pub enum Record {
+pub(crate) enum Record {
     /// A notification.
     Msg(Vec<u8>),
     /// The next notification is on the socket.
@@ -83,7 +83,7 @@ pub enum Record {
 
 impl Ring {
     /// A new ring for a sender: a sealed memfd of `cap` data bytes (a power of two ≥ 4096).
-    pub fn create(cap: u64) -> std::io::Result<Ring> {
+    pub(crate) fn create(cap: u64) -> std::io::Result<Ring> {
         assert!(cap.is_power_of_two() && cap >= 4096);
         // SAFETY: memfd_create reads the NUL-terminated name only.
         let fd = unsafe {
@@ -109,7 +109,7 @@ impl Ring {
 
     /// Maps the ring that process `pid` created as its descriptor `fd`, checking that it is a
     /// sealed memfd of the announced size.
-    pub fn open(pid: u32, fd: u32, cap: u64) -> std::io::Result<Ring> {
+    pub(crate) fn open(pid: u32, fd: u32, cap: u64) -> std::io::Result<Ring> {
         let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_owned());
         if !cap.is_power_of_two() || !(4096..=(16 << 20)).contains(&cap) {
             return Err(bad(
@@ -154,12 +154,12 @@ impl Ring {
     }
 
     /// The descriptor number the receiver opens through `/proc`.
-    pub fn raw_fd(&self) -> u32 {
+    pub(crate) fn raw_fd(&self) -> u32 {
         self.fd.as_raw_fd() as u32
     }
 
     /// Data bytes.
-    pub fn cap(&self) -> u64 {
+    pub(crate) fn cap(&self) -> u64 {
         self.cap
     }
 
@@ -184,7 +184,7 @@ impl Ring {
     /// Appends a notification, or a `SOCKET` record if `msg` is `None` (its bytes went on the
     /// socket just before). Returns whether the receiver needs a doorbell. Fails if the
     /// receiver corrupted the header or has not made room for a long time.
-    pub fn push(&self, msg: Option<&[u8]>) -> std::io::Result<bool> {
+    pub(crate) fn push(&self, msg: Option<&[u8]>) -> std::io::Result<bool> {
         let len = msg.map_or(0, <[u8]>::len) as u64;
         let need = 8 + len.div_ceil(8) * 8;
         let tail = self.word64(TAIL_OFF).load(Ordering::Relaxed);
@@ -220,7 +220,7 @@ impl Ring {
     }
 
     /// True when a notification of `len` bytes belongs on the socket instead.
-    pub fn too_large(&self, len: usize) -> bool {
+    pub(crate) fn too_large(&self, len: usize) -> bool {
         len as u64 > self.cap / 4
     }
 
@@ -260,13 +260,13 @@ impl Ring {
     // ---- receiver side ----
 
     /// Whether a record is waiting (one atomic load).
-    pub fn has_data(&self) -> bool {
+    pub(crate) fn has_data(&self) -> bool {
         self.word64(TAIL_OFF).load(Ordering::Acquire)
             != self.word64(HEAD_OFF).load(Ordering::Relaxed)
     }
 
     /// Says whether a receiving thread is watching the ring (then senders skip the doorbell).
-    pub fn set_attending(&self, on: bool) {
+    pub(crate) fn set_attending(&self, on: bool) {
         self.word64(ATTEND_OFF)
             .store(u64::from(on), Ordering::SeqCst);
         fence(Ordering::SeqCst);
@@ -275,7 +275,7 @@ impl Ring {
     /// A thread polled the ring without blocking at `now` (`now_ns`) and will probably poll
     /// again soon: senders may skip the doorbell until `window_ns` later. Returns true if the
     /// previous window had expired (then the reader thread must learn the new deadline).
-    pub fn note_polled(&self, now: u64, window_ns: u64) -> bool {
+    pub(crate) fn note_polled(&self, now: u64, window_ns: u64) -> bool {
         let prev = self
             .word64(POLLED_OFF)
             .swap(now + window_ns, Ordering::SeqCst);
@@ -284,7 +284,7 @@ impl Ring {
 
     /// Records that a receiving thread is looking at the ring right now (a proof of life for
     /// the sender; one store to a line only the receiver writes).
-    pub fn note_seen(&self, now: u64) {
+    pub(crate) fn note_seen(&self, now: u64) {
         self.word64(SEEN_OFF).store(now, Ordering::Relaxed);
     }
 
@@ -292,31 +292,31 @@ impl Ring {
     /// process that was polling that recently was alive then, which is all a system call on the
     /// socket would prove too (the peer may die right after either). The value is the peer's
     /// word, so a lying peer only fools the sender about that peer itself.
-    pub fn seen_within(&self, ns: u64) -> bool {
+    pub(crate) fn seen_within(&self, ns: u64) -> bool {
         let seen = self.word64(SEEN_OFF).load(Ordering::Relaxed);
         now_ns().checked_sub(seen).is_some_and(|age| age < ns)
     }
 
     /// Until when senders may skip the doorbell because of polling (0: not at all).
-    pub fn polled_until(&self) -> u64 {
+    pub(crate) fn polled_until(&self) -> u64 {
         self.word64(POLLED_OFF).load(Ordering::SeqCst)
     }
 
     /// Ends the polling window now (a waiter is about to sleep).
-    pub fn expire_polled(&self) {
+    pub(crate) fn expire_polled(&self) {
         self.word64(POLLED_OFF).store(0, Ordering::SeqCst);
         fence(Ordering::SeqCst);
     }
 
     /// The reader thread woke up: the next record after this needs a new doorbell.
-    pub fn clear_bell(&self) {
+    pub(crate) fn clear_bell(&self) {
         self.word32(BELL_OFF).store(0, Ordering::SeqCst);
         fence(Ordering::SeqCst);
     }
 
     /// Takes the records available now, calling `f` for each, until `f` returns false (the
     /// record is then left in the ring). Errors when the sender broke the format.
-    pub fn drain(&self, mut f: impl FnMut(Record) -> bool) -> Result<(), String> {
+    pub(crate) fn drain(&self, mut f: impl FnMut(Record) -> bool) -> Result<(), String> {
         let head_w = self.word64(HEAD_OFF);
         let mut head = head_w.load(Ordering::Relaxed);
         let tail = self.word64(TAIL_OFF).load(Ordering::Acquire);
@@ -369,7 +369,7 @@ impl Ring {
 
 /// `CLOCK_MONOTONIC` in nanoseconds: one clock for every process of the host, which both ends
 /// of a ring compare `polled_until` against.
-pub fn now_ns() -> u64 {
+pub(crate) fn now_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

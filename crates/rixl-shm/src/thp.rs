@@ -31,7 +31,7 @@ const HUGE: u64 = 2 << 20;
 const STEP: u64 = 64 << 20;
 
 /// The 2 MiB-aligned part of `[addr, addr + len)`, if any.
-pub fn aligned_interior(addr: u64, len: u64) -> Option<(u64, u64)> {
+pub(crate) fn aligned_interior(addr: u64, len: u64) -> Option<(u64, u64)> {
     let start = addr.checked_add(HUGE - 1)? & !(HUGE - 1);
     let end = addr.checked_add(len)? & !(HUGE - 1);
     (end > start).then(|| (start, end - start))
@@ -39,7 +39,7 @@ pub fn aligned_interior(addr: u64, len: u64) -> Option<(u64, u64)> {
 
 /// Asks the kernel to collapse the aligned interior of `[addr, addr + len)` into huge pages,
 /// now. Returns how many bytes it covered, or the kernel's refusal.
-pub fn collapse(addr: u64, len: u64) -> std::io::Result<u64> {
+pub(crate) fn collapse(addr: u64, len: u64) -> std::io::Result<u64> {
     let Some((start, bytes)) = aligned_interior(addr, len) else {
         return Ok(0);
     };
@@ -61,7 +61,7 @@ pub fn collapse(addr: u64, len: u64) -> std::io::Result<u64> {
 }
 
 /// Queues `[addr, addr + len)` for the background thread (started on first use).
-pub fn collapse_later(addr: u64, len: u64) {
+pub(crate) fn collapse_later(addr: u64, len: u64) {
     static QUEUE: Mutex<Option<Sender<(u64, u64)>>> = Mutex::new(None);
     if aligned_interior(addr, len).is_none() {
         return;

@@ -77,20 +77,10 @@ const WAITER_PUMP_BYTES: usize = 1 << 20;
 /// How long a waiting thread reads its post's connection itself before leaving it to the
 /// reader thread (and sleeping on the completion after its own short spin).
 const WAITER_SPIN: Duration = Duration::from_micros(200);
-/// The default of `pace_min_bytes`: a connection's share of a post of at least this many bytes
-/// is paced (`sock::pace`): a WRITE share goes out through a small send buffer, a READ share
-/// asks the target to answer through one. Pacing pays when the data outgrow the caches (see
-/// `sock::pace`), and costs when a share would otherwise go into the socket in one call: the
-/// writer then sleeps mid-share. Measured on loopback (medians of 3 interleaved rounds):
-/// shares of 512 KiB lose (WRITE 1 × 1 MiB: 7.5 → 4.3 GB/s); shares of 2 MiB gain (WRITE 1 ×
-/// 4 MiB 7.1 → 10.5, WRITE 16 × 256 KiB 6.5 → 9.7, READ 16 × 256 KiB 4.6 → 6.1), as do larger
-/// ones. Across a veth pair the 2 MiB READ rows gain too (2.9 → 4.0 GB/s) and the WRITE rows
-/// swing between rounds by 2-3x whether paced or not.
-pub(crate) const PACE_SHARE: u64 = 2 << 20;
 
 /// One peer we can reach.
 #[derive(Debug)]
-pub struct Peer {
+pub(crate) struct Peer {
     pub name: String,
     pub info: ConnInfo,
     pub alive: AtomicBool,
@@ -104,7 +94,7 @@ pub struct Peer {
 }
 
 impl Peer {
-    pub fn new(name: &str, info: ConnInfo) -> Peer {
+    pub(crate) fn new(name: &str, info: ConnInfo) -> Peer {
         Peer {
             name: name.to_owned(),
             info,
@@ -118,7 +108,7 @@ impl Peer {
     }
 
     /// Closes every connection (with a goodbye when it can be sent at once).
-    pub fn close(&self) {
+    pub(crate) fn close(&self) {
         self.closing.store(true, Ordering::SeqCst);
         let set = self.conns.lock().take();
         if let Some(set) = set {
@@ -165,7 +155,7 @@ struct Writer {
     stream: TcpStream,
     hdrs: Vec<[u8; HEADER_LEN]>,
     iov: IoVecs,
-    /// Whether the socket's send buffer is the paced one (see [`PACE_SHARE`]).
+    /// Whether the socket's send buffer is the paced one (see the `pace_min_bytes` parameter).
     paced: bool,
 }
 
@@ -418,7 +408,7 @@ impl Conn {
 }
 
 /// The progress of one post.
-pub struct PostState {
+pub(crate) struct PostState {
     /// The connection of a post sent on one connection (a waiter reads it); `None` for
     /// striped posts, whose parts the reader threads receive in parallel.
     conn: Option<Arc<Conn>>,
@@ -483,7 +473,7 @@ impl PostState {
 /// One frame of a prepared transfer: `len` bytes between local `local` and the target's
 /// `addr` in its region `token`.
 #[derive(Clone, Copy, Debug)]
-pub struct Frame {
+pub(crate) struct Frame {
     pub local: u64,
     pub token: u64,
     pub addr: u64,
@@ -607,7 +597,7 @@ fn dial(shared: &Shared, peer: &Peer, addr: SocketAddr, idx: usize) -> Result<Tc
     .map_err(|e| fail(ErrorKind::Backend, "cannot configure the connection to", &e))?;
     let hello = Hello {
         version: wire::VERSION,
-        from: shared.ctx.agent_name.clone(),
+        from: shared.ctx.agent_name().to_owned(),
         from_nonce: shared.nonce,
         to: peer.name.clone(),
         to_nonce: peer.info.nonce,
@@ -1070,7 +1060,7 @@ fn send_frames(
 }
 
 /// A prepared transfer.
-pub struct TcpXfer {
+pub(crate) struct TcpXfer {
     inner: Arc<XferInner>,
 }
 
@@ -1082,7 +1072,7 @@ struct XferInner {
     lists: Vec<Vec<Frame>>,
     /// Bytes each list writes to its socket.
     sends: Vec<u64>,
-    /// Whether each list's data stream is paced ([`PACE_SHARE`]).
+    /// Whether each list's data stream is paced (the `pace_min_bytes` parameter).
     paced: Vec<bool>,
     frames: usize,
     total: u64,
@@ -1103,7 +1093,7 @@ impl std::fmt::Debug for TcpXfer {
 impl TcpXfer {
     /// Builds the frames of a transfer once: segments cut at `chunk` bytes, dealt round-robin
     /// to the connections when the transfer is large enough to stripe.
-    pub fn new(
+    pub(crate) fn new(
         shared: Arc<Shared>,
         peer: Arc<Peer>,
         op: XferOp,
@@ -1363,7 +1353,7 @@ impl Drop for TcpXfer {
 }
 
 /// Sends a standalone notification to `peer`.
-pub fn send_notif(shared: &Arc<Shared>, peer: &Arc<Peer>, msg: &[u8]) -> Result<()> {
+pub(crate) fn send_notif(shared: &Arc<Shared>, peer: &Arc<Peer>, msg: &[u8]) -> Result<()> {
     if msg.len() > wire::MAX_NOTIF as usize {
         return Err(Error::invalid_param(format!(
             "a notification of {} bytes exceeds the TCP limit of {}",
@@ -1428,7 +1418,7 @@ fn check_alive(shared: &Shared, peer: &Peer, conn: &Conn) -> Result<()> {
 }
 
 /// Connects ahead of the first transfer and checks that every connection is alive.
-pub fn connect(shared: &Arc<Shared>, peer: &Arc<Peer>) -> Result<()> {
+pub(crate) fn connect(shared: &Arc<Shared>, peer: &Arc<Peer>) -> Result<()> {
     let set = conns(shared, peer).inspect_err(|e| shared.lost_if(peer, e))?;
     for c in &set.conns {
         check_alive(shared, peer, c)?;

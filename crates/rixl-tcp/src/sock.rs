@@ -6,7 +6,7 @@ use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 /// Most iovecs handed to one `readv`/`writev` (the kernel's IOV_MAX is 1024).
-pub const IOV_BATCH: usize = 512;
+pub(crate) const IOV_BATCH: usize = 512;
 
 /// Applies the liveness settings to a connected socket: no Nagle (small frames go out at once),
 /// keepalive probes once a second after `keepalive_secs` without hearing from the peer, and
@@ -14,7 +14,7 @@ pub const IOV_BATCH: usize = 512;
 /// unacknowledged for `unreachable` (a crashed host or a cut link; a live peer's kernel answers
 /// probes even when its process is frozen). Send/receive timeouts bound every blocking call by
 /// `deadline` without progress.
-pub fn configure(
+pub(crate) fn configure(
     s: &TcpStream,
     keepalive_secs: u32,
     unreachable: Duration,
@@ -47,7 +47,7 @@ pub fn configure(
 }
 
 /// True unless the peer has closed or reset the connection (one non-blocking `poll`).
-pub fn alive(s: &TcpStream) -> bool {
+pub(crate) fn alive(s: &TcpStream) -> bool {
     let mut pfd = libc::pollfd {
         fd: s.as_raw_fd(),
         events: libc::POLLRDHUP,
@@ -88,7 +88,7 @@ fn timed_out(e: &io::Error) -> bool {
 ///
 /// # Safety
 /// Every iovec must describe memory readable for its length for the duration of the call.
-pub unsafe fn writev_all(s: &TcpStream, iov: &mut [libc::iovec]) -> io::Result<()> {
+pub(crate) unsafe fn writev_all(s: &TcpStream, iov: &mut [libc::iovec]) -> io::Result<()> {
     // SAFETY: forwarded from the caller.
     unsafe { writev_until(s, iov, None) }
 }
@@ -97,7 +97,7 @@ pub unsafe fn writev_all(s: &TcpStream, iov: &mut [libc::iovec]) -> io::Result<(
 /// `tcpi_bytes_acked`); `None` when the kernel does not report it. A slow link drains megabytes
 /// of socket buffer after the last `write` returned: acknowledgements are the progress a
 /// response deadline must see then.
-pub fn bytes_acked(s: &TcpStream) -> Option<u64> {
+pub(crate) fn bytes_acked(s: &TcpStream) -> Option<u64> {
     let (info, len) = tcp_info(s)?;
     let needed = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_acked) + 8;
     (len >= needed).then_some(info.tcpi_bytes_acked)
@@ -107,7 +107,7 @@ pub fn bytes_acked(s: &TcpStream) -> Option<u64> {
 /// went unanswered; `None` while it answers (or nothing was probed yet). This is what tells a
 /// crashed host or a cut link from a slow peer while we wait for an answer with nothing of ours
 /// unacknowledged: the kernel itself only gives up at its next probe.
-pub fn unanswered_for(s: &TcpStream) -> Option<Duration> {
+pub(crate) fn unanswered_for(s: &TcpStream) -> Option<Duration> {
     let (info, _) = tcp_info(s)?;
     (info.tcpi_probes > 0).then(|| Duration::from_millis(info.tcpi_last_ack_recv.into()))
 }
@@ -115,7 +115,7 @@ pub fn unanswered_for(s: &TcpStream) -> Option<Duration> {
 /// A connection's send buffer outside paced streams (the kernel doubles the value for its
 /// bookkeeping and clamps it to `net.core.wmem_max`): large, so that a burst of frames or a
 /// large frame goes into the socket in one call and the writer never sleeps mid-burst.
-pub const SEND_BUFFER: i32 = 4 << 20;
+pub(crate) const SEND_BUFFER: i32 = 4 << 20;
 /// The smallest send buffer of a paced stream (see [`pace`]).
 const PACE_MIN_BUFFER: u64 = 128 << 10;
 /// A paced send buffer holds this many bytes per microsecond of the path's minimum round trip
@@ -138,7 +138,7 @@ const PACE_BYTES_PER_RTT_US: u64 = 8 << 10;
 /// minimum round trip (`TCP_INFO`'s `tcpi_min_rtt`, which queueing does not inflate) times
 /// 8 GB/s, at least 128 KiB; where that reaches [`SEND_BUFFER`] (a round trip of 0.5 ms or
 /// more, or an unknown one) pacing leaves the buffer alone.
-pub fn pace(s: &TcpStream, on: bool) -> bool {
+pub(crate) fn pace(s: &TcpStream, on: bool) -> bool {
     let bytes = if on {
         match paced_buffer(s) {
             Some(b) => b,
@@ -151,7 +151,7 @@ pub fn pace(s: &TcpStream, on: bool) -> bool {
 }
 
 /// The send buffer [`pace`] would use on `s`, or `None` when pacing would not shrink it.
-pub fn paced_buffer(s: &TcpStream) -> Option<i32> {
+pub(crate) fn paced_buffer(s: &TcpStream) -> Option<i32> {
     let (info, len) = tcp_info(s)?;
     let needed = std::mem::offset_of!(libc::tcp_info, tcpi_min_rtt) + 4;
     if len < needed {
@@ -168,7 +168,7 @@ fn paced_size(min_rtt_us: u32) -> Option<i32> {
 }
 
 /// Payloads from this size on are acknowledged at once when received (see [`quickack`]).
-pub const QUICKACK_PAYLOAD: usize = 16 << 10;
+pub(crate) const QUICKACK_PAYLOAD: usize = 16 << 10;
 
 /// Asks the kernel to acknowledge what `s` has received now and to leave delayed-ACK mode.
 /// Requests one way and data the other make a connection look interactive to Linux, which
@@ -177,7 +177,7 @@ pub const QUICKACK_PAYLOAD: usize = 16 << 10;
 /// with a 1500-byte MTU: READ of 16 × 64 KiB at p99 11 ms and 0.7 GB/s, against 1.2 ms and
 /// 2 GB/s with this after each payload. The mode comes back with the next request, so callers
 /// ask again after every large payload. Best effort: a failure only costs the delay.
-pub fn quickack(s: &TcpStream) {
+pub(crate) fn quickack(s: &TcpStream) {
     let _ = set_int(s, libc::IPPROTO_TCP, libc::TCP_QUICKACK, 1);
 }
 
@@ -201,7 +201,7 @@ fn set_int(s: &TcpStream, level: i32, opt: i32, v: i32) -> io::Result<()> {
 }
 
 /// How long ago the peer's kernel last acknowledged anything on `s`.
-pub fn silent_for(s: &TcpStream) -> Option<Duration> {
+pub(crate) fn silent_for(s: &TcpStream) -> Option<Duration> {
     tcp_info(s).map(|(info, _)| Duration::from_millis(info.tcpi_last_ack_recv.into()))
 }
 
@@ -229,7 +229,7 @@ fn tcp_info(s: &TcpStream) -> Option<(libc::tcp_info, usize)> {
 ///
 /// # Safety
 /// Every iovec must describe memory readable for its length for the duration of the call.
-pub unsafe fn writev_until(
+pub(crate) unsafe fn writev_until(
     s: &TcpStream,
     iov: &mut [libc::iovec],
     deadline: Option<Instant>,
@@ -263,7 +263,7 @@ pub unsafe fn writev_until(
 /// # Safety
 /// Every iovec must describe memory writable for its length for the duration of the call, and
 /// not otherwise accessed meanwhile.
-pub unsafe fn readv_exact(
+pub(crate) unsafe fn readv_exact(
     s: &TcpStream,
     iov: &mut [libc::iovec],
     deadline: Option<Instant>,
@@ -281,7 +281,7 @@ pub unsafe fn readv_exact(
 /// # Safety
 /// Every iovec must describe memory writable for its length for the duration of the call, and
 /// not otherwise accessed meanwhile.
-pub unsafe fn readv_min(
+pub(crate) unsafe fn readv_min(
     s: &TcpStream,
     iov: &mut [libc::iovec],
     min: usize,
@@ -329,7 +329,7 @@ const FLOW_GAP: Duration = Duration::from_micros(20);
 ///
 /// # Safety
 /// As for [`readv_min`].
-pub unsafe fn readv_flowing(
+pub(crate) unsafe fn readv_flowing(
     s: &TcpStream,
     iov: &mut [libc::iovec],
     min: usize,
@@ -381,7 +381,7 @@ pub unsafe fn readv_flowing(
 /// # Safety
 /// Every iovec must describe memory writable for its length for the duration of the call, and
 /// not otherwise accessed meanwhile.
-pub unsafe fn recv_some(
+pub(crate) unsafe fn recv_some(
     s: &TcpStream,
     iov: &mut [libc::iovec],
     nonblocking: bool,
@@ -408,7 +408,7 @@ pub unsafe fn recv_some(
 
 /// True when a read would not block right now: data, end of stream or an error are waiting
 /// (one non-blocking peek; nothing is consumed).
-pub fn readable_now(s: &TcpStream) -> bool {
+pub(crate) fn readable_now(s: &TcpStream) -> bool {
     let mut b = 0u8;
     // SAFETY: one writable byte; MSG_PEEK leaves the queue as it is.
     let n = unsafe {
@@ -423,7 +423,7 @@ pub fn readable_now(s: &TcpStream) -> bool {
 }
 
 /// Bytes waiting in the socket's receive queue (0 if the kernel will not say).
-pub fn queued_input(s: &TcpStream) -> usize {
+pub(crate) fn queued_input(s: &TcpStream) -> usize {
     let mut n: libc::c_int = 0;
     // SAFETY: FIONREAD writes one c_int into `n`; the descriptor is our open socket.
     let rc = unsafe { libc::ioctl(s.as_raw_fd(), libc::FIONREAD, &mut n) };
@@ -435,7 +435,7 @@ pub fn queued_input(s: &TcpStream) -> usize {
 }
 
 /// Sends as much of `buf` as the socket takes without blocking; how much that was.
-pub fn send_now(s: &TcpStream, buf: &[u8]) -> io::Result<usize> {
+pub(crate) fn send_now(s: &TcpStream, buf: &[u8]) -> io::Result<usize> {
     loop {
         // SAFETY: `buf` is readable for its length during the call.
         let n = unsafe {
@@ -459,7 +459,7 @@ pub fn send_now(s: &TcpStream, buf: &[u8]) -> io::Result<usize> {
 }
 
 /// [`recv_some`] into one plain buffer, without blocking.
-pub fn recv_now(s: &TcpStream, buf: &mut [u8]) -> io::Result<Option<usize>> {
+pub(crate) fn recv_now(s: &TcpStream, buf: &mut [u8]) -> io::Result<Option<usize>> {
     let mut iov = [libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
         iov_len: buf.len(),
@@ -476,14 +476,14 @@ pub fn recv_now(s: &TcpStream, buf: &mut [u8]) -> io::Result<Option<usize>> {
 /// already queued wakes the sleeper at once (epoll re-checks readiness on modification), so no
 /// arrival is missed.
 #[derive(Debug)]
-pub struct Poller {
+pub(crate) struct Poller {
     ep: std::os::fd::OwnedFd,
     fd: i32,
 }
 
 impl Poller {
     /// Watches `s` for data and hang-up.
-    pub fn new(s: &TcpStream) -> io::Result<Poller> {
+    pub(crate) fn new(s: &TcpStream) -> io::Result<Poller> {
         use std::os::fd::FromRawFd;
         // SAFETY: plain system call; the result is checked before use.
         let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
@@ -516,7 +516,7 @@ impl Poller {
     }
 
     /// Also wakes the sleeper when `fd` (an [`EventFd`]) is signalled.
-    pub fn add_wake(&self, fd: &EventFd) -> io::Result<()> {
+    pub(crate) fn add_wake(&self, fd: &EventFd) -> io::Result<()> {
         use std::os::fd::AsRawFd as _;
         let mut ev = libc::epoll_event {
             events: libc::EPOLLIN as u32,
@@ -539,12 +539,12 @@ impl Poller {
     }
 
     /// Whether arriving data wake the sleeper (hang-up and errors always do).
-    pub fn watch_data(&self, data: bool) -> io::Result<()> {
+    pub(crate) fn watch_data(&self, data: bool) -> io::Result<()> {
         self.ctl(libc::EPOLL_CTL_MOD, data)
     }
 
     /// Sleeps until the socket is ready (as watched) or `timeout` passes; true when ready.
-    pub fn wait(&self, timeout: Duration) -> io::Result<bool> {
+    pub(crate) fn wait(&self, timeout: Duration) -> io::Result<bool> {
         use std::os::fd::AsRawFd as _;
         let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
         let mut ev = libc::epoll_event { events: 0, u64: 0 };
@@ -564,11 +564,11 @@ impl Poller {
 
 /// A counter another thread signals to wake a [`Poller`]'s sleeper explicitly.
 #[derive(Debug)]
-pub struct EventFd(std::os::fd::OwnedFd);
+pub(crate) struct EventFd(std::os::fd::OwnedFd);
 
 impl EventFd {
     /// A non-blocking event counter.
-    pub fn new() -> io::Result<EventFd> {
+    pub(crate) fn new() -> io::Result<EventFd> {
         use std::os::fd::FromRawFd;
         // SAFETY: plain system call; the result is checked before use.
         let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
@@ -580,7 +580,7 @@ impl EventFd {
     }
 
     /// Signals it (wakes a poller watching it until [`EventFd::clear`]).
-    pub fn signal(&self) {
+    pub(crate) fn signal(&self) {
         use std::os::fd::AsRawFd as _;
         let one = 1u64;
         // SAFETY: writes 8 bytes from `one`; a full counter (never, here) only fails the call.
@@ -588,7 +588,7 @@ impl EventFd {
     }
 
     /// Resets it.
-    pub fn clear(&self) {
+    pub(crate) fn clear(&self) {
         use std::os::fd::AsRawFd as _;
         let mut v = 0u64;
         // SAFETY: reads 8 bytes into `v`; non-blocking, so an unsignalled counter just fails.
@@ -597,7 +597,11 @@ impl EventFd {
 }
 
 /// Reads exactly `buf` from the socket (bounded by `deadline`).
-pub fn read_exact(s: &TcpStream, buf: &mut [u8], deadline: Option<Instant>) -> io::Result<()> {
+pub(crate) fn read_exact(
+    s: &TcpStream,
+    buf: &mut [u8],
+    deadline: Option<Instant>,
+) -> io::Result<()> {
     let mut iov = [libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
         iov_len: buf.len(),
@@ -607,7 +611,7 @@ pub fn read_exact(s: &TcpStream, buf: &mut [u8], deadline: Option<Instant>) -> i
 }
 
 /// Writes all of `buf`.
-pub fn write_all(s: &TcpStream, buf: &[u8]) -> io::Result<()> {
+pub(crate) fn write_all(s: &TcpStream, buf: &[u8]) -> io::Result<()> {
     let mut iov = [libc::iovec {
         iov_base: buf.as_ptr() as *mut libc::c_void,
         iov_len: buf.len(),
@@ -618,7 +622,7 @@ pub fn write_all(s: &TcpStream, buf: &[u8]) -> io::Result<()> {
 
 /// The addresses to publish for a listener bound to `ip`: the address itself, or for an
 /// unspecified bind every non-loopback IPv4 address of this host followed by 127.0.0.1.
-pub fn publish_addrs(ip: IpAddr) -> Vec<IpAddr> {
+pub(crate) fn publish_addrs(ip: IpAddr) -> Vec<IpAddr> {
     if !ip.is_unspecified() {
         return vec![ip];
     }

@@ -58,7 +58,7 @@ const MAX_PENDING_BYTES: usize = 16 << 20;
 
 /// One local registration, as the servers see it.
 #[derive(Debug)]
-pub struct Region {
+pub(crate) struct Region {
     addr: u64,
     len: u64,
     /// `(live, servers inside)`.
@@ -68,7 +68,7 @@ pub struct Region {
 
 /// The registrations the servers check requests against.
 #[derive(Debug, Default)]
-pub struct Regions {
+pub(crate) struct Regions {
     map: RwLock<HashMap<u64, Arc<Region>>>,
 }
 
@@ -87,7 +87,7 @@ impl Drop for InUse {
 
 impl Regions {
     /// Adds a region.
-    pub fn insert(&self, token: u64, addr: u64, len: u64) {
+    pub(crate) fn insert(&self, token: u64, addr: u64, len: u64) {
         let r = Arc::new(Region {
             addr,
             len,
@@ -98,7 +98,7 @@ impl Regions {
     }
 
     /// Removes a region and waits until no server is inside it.
-    pub fn remove(&self, token: u64) -> bool {
+    pub(crate) fn remove(&self, token: u64) -> bool {
         let Some(r) = self.map.write().remove(&token) else {
             return false;
         };
@@ -138,7 +138,7 @@ impl Regions {
 /// One initiator incarnation (agent name + its backend's nonce), shared by its connections:
 /// notifications of striped posts wait here until every part has been served.
 #[derive(Debug)]
-pub struct Session {
+pub(crate) struct Session {
     name: String,
     nonce: u64,
     posts: Mutex<HashMap<u64, PendingPost>>,
@@ -158,7 +158,7 @@ impl Session {
         if p.notif.as_ref().is_some_and(|(want, _)| p.served >= *want) {
             if let Some(p) = posts.remove(&post) {
                 let (_, msg) = p.notif.unwrap_or_default();
-                shared.ctx.notifs.deliver(&self.name, &msg);
+                shared.ctx.notifs().deliver(&self.name, &msg);
             }
         }
         Self::bound(&mut posts);
@@ -169,7 +169,7 @@ impl Session {
         let served = posts.get(&post).map_or(0, |p| p.served);
         if served >= want {
             posts.remove(&post);
-            shared.ctx.notifs.deliver(&self.name, &msg);
+            shared.ctx.notifs().deliver(&self.name, &msg);
         } else {
             posts.entry(post).or_default().notif = Some((want, msg));
         }
@@ -198,7 +198,7 @@ impl Session {
 
 /// The inbound side of the backend.
 #[derive(Debug, Default)]
-pub struct Inbound {
+pub(crate) struct Inbound {
     /// Every accepted socket (clones), so that teardown can close them even mid-handshake.
     streams: Mutex<Vec<TcpStream>>,
     live: Mutex<Live>,
@@ -210,7 +210,7 @@ pub struct Inbound {
 
 impl Inbound {
     /// Closes every inbound connection and waits for their servers to stop.
-    pub fn close_all(&self) {
+    pub(crate) fn close_all(&self) {
         for s in self.streams.lock().drain(..) {
             let _ = s.shutdown(std::net::Shutdown::Both);
         }
@@ -253,7 +253,7 @@ fn socket_id(fd: i32) -> Option<u64> {
 }
 
 /// Accepts connections until the backend stops.
-pub fn accept_loop(shared: &Arc<Shared>, listener: TcpListener) {
+pub(crate) fn accept_loop(shared: &Arc<Shared>, listener: TcpListener) {
     for conn in listener.incoming() {
         if shared.stopping.load(Ordering::SeqCst) {
             break;
@@ -367,7 +367,7 @@ const WAITER_MAX_FRAME: u64 = 64 << 10;
 
 /// One inbound connection past its hello: what its server thread and the threads waiting
 /// for notifications (see [`Inbound::serve_ready`]) share.
-pub struct InConn {
+pub(crate) struct InConn {
     stream: TcpStream,
     /// What the server thread sleeps on: the socket, and `handoff`.
     poller: sock::Poller,
@@ -479,7 +479,7 @@ impl Inbound {
     /// requests do not wake the server threads (only hang-ups do) and servers do not spin; the
     /// last one to stop lets requests wake them again, which wakes them at once for anything
     /// that arrived meanwhile.
-    pub fn attend(&self, on: bool) {
+    pub(crate) fn attend(&self, on: bool) {
         let mut l = self.live.lock();
         l.attending = if on {
             l.attending + 1
@@ -502,7 +502,7 @@ impl Inbound {
     /// arrived on connections no other thread is serving right now (see the module docs for
     /// what is left to the server threads). This delivers notifications without waiting for a
     /// server thread to be scheduled.
-    pub fn serve_ready(&self, shared: &Shared) {
+    pub(crate) fn serve_ready(&self, shared: &Shared) {
         let conns = self.live.lock().conns.clone();
         if conns.len() > MAX_ATTENDED {
             return;
@@ -645,10 +645,13 @@ fn handshake(
             hello.version,
             wire::VERSION
         ))
-    } else if hello.to != shared.ctx.agent_name || hello.to_nonce != shared.nonce {
+    } else if hello.to != shared.ctx.agent_name() || hello.to_nonce != shared.nonce {
         Some(format!(
             "this is agent {:?} (instance {:x}), not {:?} (instance {:x})",
-            shared.ctx.agent_name, shared.nonce, hello.to, hello.to_nonce
+            shared.ctx.agent_name(),
+            shared.nonce,
+            hello.to,
+            hello.to_nonce
         ))
     } else {
         None
@@ -947,7 +950,7 @@ fn serve_frame(
             sock::read_exact(stream, &mut msg, Some(frame_deadline(shared, h.len.into())))
                 .map_err(|e| End::io("receiving a notification", e))?;
             if h.size == 0 {
-                shared.ctx.notifs.deliver(&session.name, &msg);
+                shared.ctx.notifs().deliver(&session.name, &msg);
             } else {
                 session.notif(shared, h.post, h.size, msg);
             }

@@ -62,7 +62,7 @@ mod support;
 
 use std::time::Duration;
 
-use rixl::{Agent, AgentConfig, Params};
+use rixl::{Agent, AgentConfig, Capabilities, Params};
 
 pub use buffer::{assert_bytes_eq, pattern, pattern_byte, TestBuffer};
 pub use remote::{CrossProcess, RemoteAgent, TargetAgent};
@@ -122,23 +122,41 @@ pub trait Harness: Sync {
         false
     }
 
+    /// What the backend can do: by default what its factory declares
+    /// ([`Agent::plugin_capabilities`]), the one statement the agent and `rixl-bench` read too.
+    /// Cases that need a capability the backend lacks print why they are skipped.
+    fn capabilities(&self) -> Capabilities {
+        Agent::plugin_capabilities(self.backend()).unwrap_or_else(|e| {
+            panic!(
+                "backend {} is not available in this build: {e}",
+                self.backend()
+            )
+        })
+    }
+
     /// The backend reaches other agents (two-agent cases run).
-    fn remote(&self) -> bool;
+    fn remote(&self) -> bool {
+        self.capabilities().remote
+    }
 
     /// The backend reaches its own agent (self-target cases run).
-    fn local(&self) -> bool;
+    fn local(&self) -> bool {
+        self.capabilities().local
+    }
 
     /// The backend carries notifications.
-    fn notif(&self) -> bool;
+    fn notif(&self) -> bool {
+        self.capabilities().notif
+    }
 
     /// The backend estimates transfer costs (otherwise `estimate_cost` must be `NotSupported`).
     fn estimates_cost(&self) -> bool {
-        false
+        self.capabilities().estimates_cost
     }
 
     /// The backend implements `query_mem` (otherwise it must be `NotSupported`).
     fn query_mem(&self) -> bool {
-        false
+        self.capabilities().query_mem
     }
 
     /// The target side refuses transfers into memory it has deregistered. One-sided backends
@@ -146,7 +164,7 @@ pub trait Harness: Sync {
     /// `process_vm_writev`) cannot know, so for them the application must not deregister
     /// memory a peer may still write, exactly as with NIXL.
     fn target_checks_deregistration(&self) -> bool {
-        true
+        self.capabilities().target_fences_deregistration
     }
 
     /// Upper bound for any wait (a transfer, a notification). Not a performance target: a
@@ -156,35 +174,24 @@ pub trait Harness: Sync {
     }
 }
 
-/// A [`Harness`] described by data: a backend name, its parameters and its capabilities.
-///
-/// Every capability starts out `false`; declare what the backend supports with the builder
-/// methods.
+/// A [`Harness`] for a backend named by its name, with parameters: what the backend can do
+/// comes from its declared [`Capabilities`], so a harness cannot claim more or less than the
+/// backend itself.
 #[derive(Clone, Debug)]
 pub struct BackendHarness {
     name: String,
     params: Params,
-    remote: bool,
-    local: bool,
-    notif: bool,
-    estimates_cost: bool,
-    query_mem: bool,
-    target_checks_deregistration: bool,
+    caps: std::sync::OnceLock<Capabilities>,
     timeout: Duration,
 }
 
 impl BackendHarness {
-    /// A harness for backend `name`, created with no parameters and declaring no capability.
+    /// A harness for backend `name`, created with no parameters.
     pub fn new(name: &str) -> BackendHarness {
         BackendHarness {
             name: name.to_owned(),
             params: Params::new(),
-            remote: false,
-            local: false,
-            notif: false,
-            estimates_cost: false,
-            query_mem: false,
-            target_checks_deregistration: true,
+            caps: std::sync::OnceLock::new(),
             timeout: Duration::from_secs(30),
         }
     }
@@ -192,42 +199,6 @@ impl BackendHarness {
     /// Adds a backend parameter.
     pub fn param(mut self, key: &str, value: &str) -> BackendHarness {
         self.params.insert(key.to_owned(), value.to_owned());
-        self
-    }
-
-    /// Declares whether the backend reaches other agents.
-    pub fn remote(mut self, yes: bool) -> BackendHarness {
-        self.remote = yes;
-        self
-    }
-
-    /// Declares whether the backend reaches its own agent.
-    pub fn local(mut self, yes: bool) -> BackendHarness {
-        self.local = yes;
-        self
-    }
-
-    /// Declares whether the backend carries notifications.
-    pub fn notif(mut self, yes: bool) -> BackendHarness {
-        self.notif = yes;
-        self
-    }
-
-    /// Declares whether the backend estimates transfer costs.
-    pub fn estimates_cost(mut self, yes: bool) -> BackendHarness {
-        self.estimates_cost = yes;
-        self
-    }
-
-    /// Declares whether the backend implements `query_mem`.
-    pub fn query_mem(mut self, yes: bool) -> BackendHarness {
-        self.query_mem = yes;
-        self
-    }
-
-    /// Declares whether the target refuses transfers into deregistered memory (default true).
-    pub fn target_checks_deregistration(mut self, yes: bool) -> BackendHarness {
-        self.target_checks_deregistration = yes;
         self
     }
 
@@ -245,23 +216,14 @@ impl Harness for BackendHarness {
     fn params(&self) -> Params {
         self.params.clone()
     }
-    fn remote(&self) -> bool {
-        self.remote
-    }
-    fn local(&self) -> bool {
-        self.local
-    }
-    fn notif(&self) -> bool {
-        self.notif
-    }
-    fn estimates_cost(&self) -> bool {
-        self.estimates_cost
-    }
-    fn query_mem(&self) -> bool {
-        self.query_mem
-    }
-    fn target_checks_deregistration(&self) -> bool {
-        self.target_checks_deregistration
+    fn capabilities(&self) -> Capabilities {
+        self.caps
+            .get_or_init(|| {
+                Agent::plugin_capabilities(&self.name).unwrap_or_else(|e| {
+                    panic!("backend {} is not available in this build: {e}", self.name)
+                })
+            })
+            .clone()
     }
     fn timeout(&self) -> Duration {
         self.timeout

@@ -223,23 +223,8 @@ impl<H: Harness> Harness for CrossProcess<H> {
     fn cross_process(&self) -> bool {
         true
     }
-    fn remote(&self) -> bool {
-        self.inner.remote()
-    }
-    fn local(&self) -> bool {
-        self.inner.local()
-    }
-    fn notif(&self) -> bool {
-        self.inner.notif()
-    }
-    fn estimates_cost(&self) -> bool {
-        self.inner.estimates_cost()
-    }
-    fn query_mem(&self) -> bool {
-        self.inner.query_mem()
-    }
-    fn target_checks_deregistration(&self) -> bool {
-        self.inner.target_checks_deregistration()
+    fn capabilities(&self) -> rixl::Capabilities {
+        self.inner.capabilities()
     }
     fn timeout(&self) -> Duration {
         self.inner.timeout()

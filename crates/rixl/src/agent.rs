@@ -12,9 +12,10 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use parking_lot::RwLock;
-use rixl_backend::{AgentHooks, Backend, BackendContext};
+use rixl_backend::{AgentHooks, Backend, BackendContext, BackendFactory};
 use rixl_core::{
-    Capabilities, Desc, Error, MemType, NotifQueue, Notification, Params, RegDescList, Result,
+    Capabilities, Desc, Error, ErrorKind, MemType, NotifQueue, Notification, Params, RegDescList,
+    Result,
 };
 
 use crate::config::AgentConfig;
@@ -36,6 +37,96 @@ pub(crate) struct BackendSlot {
     pub backend: Arc<dyn Backend>,
     pub caps: Capabilities,
     pub index: usize,
+}
+
+impl BackendSlot {
+    /// Sends through the notification part (which creation checked matches `caps.notif`).
+    pub fn send_notif(&self, peer: &str, msg: &[u8]) -> Result<()> {
+        match self.backend.notifications() {
+            Some(n) => n.send_notif(peer, msg),
+            None => Err(Error::backend(format!(
+                "backend {} cannot carry notifications",
+                self.name
+            ))),
+        }
+    }
+
+    /// Connects the remote part to `peer`.
+    pub fn connect(&self, peer: &str) -> Result<()> {
+        match self.backend.remote() {
+            Some(r) => r.connect(peer),
+            None => Err(Error::not_supported(format!(
+                "backend {} cannot reach other agents",
+                self.name
+            ))),
+        }
+    }
+
+    /// Drops the remote part's state about `peer`.
+    pub fn disconnect(&self, peer: &str) {
+        if let Some(r) = self.backend.remote() {
+            r.disconnect(peer);
+        }
+    }
+
+    /// Forgets one region `peer` published.
+    pub fn unload_remote_region(&self, peer: &str, mem: MemType, token: u64) {
+        if let Some(r) = self.backend.remote() {
+            r.unload_remote_region(peer, mem, token);
+        }
+    }
+}
+
+/// Checks at creation that a backend's optional parts and capabilities agree, and that the
+/// instance claims nothing its factory does not declare: the agent trusts `caps` from then on.
+fn check_parts(
+    name: &str,
+    caps: &Capabilities,
+    declared: &Capabilities,
+    backend: &dyn Backend,
+) -> Result<()> {
+    let refuse =
+        |why: String| Err(Error::backend(format!("backend {name} {why}")).with_backend(name));
+    if backend.name() != name {
+        return refuse(format!("reports its name as {:?}", backend.name()));
+    }
+    if caps.remote && !caps.notif {
+        return refuse("is remote-capable but cannot carry notifications".into());
+    }
+    if caps.remote != backend.remote().is_some() {
+        return refuse(format!(
+            "declares remote={} but {} a remote part",
+            caps.remote,
+            if caps.remote { "lacks" } else { "has" }
+        ));
+    }
+    if caps.notif != backend.notifications().is_some() {
+        return refuse(format!(
+            "declares notif={} but {} a notification part",
+            caps.notif,
+            if caps.notif { "lacks" } else { "has" }
+        ));
+    }
+    let beyond = caps.mems.iter().find(|m| !declared.mems.contains(m));
+    let moves_beyond = caps.moves.iter().find(|m| !declared.moves.contains(m));
+    if let Some(m) = beyond {
+        return refuse(format!(
+            "registers {m} memory, which its factory does not declare"
+        ));
+    }
+    if let Some((l, t)) = moves_beyond {
+        return refuse(format!(
+            "moves {l} to {t}, which its factory does not declare"
+        ));
+    }
+    if caps
+        .moves
+        .iter()
+        .any(|(l, t)| !caps.supports(*l) || !caps.supports(*t))
+    {
+        return refuse("moves a memory type it cannot register".into());
+    }
+    Ok(())
 }
 
 pub(crate) struct AgentInner {
@@ -134,29 +225,50 @@ impl Agent {
 
     // ---------------------------------------------------------------- backends
 
-    /// Names of the backends this build can create (NIXL's `getAvailPlugins`).
+    /// Names of the backends this process can create: the built-in ones, then those added
+    /// with [`registry::add_factory`] (NIXL's `getAvailPlugins`).
     pub fn available_backends() -> Vec<&'static str> {
         registry::available()
     }
 
-    /// Advertised parameters and defaults of a backend this build has.
+    /// Advertised parameters and defaults of a backend this process can create.
     pub fn plugin_params(backend: &str) -> Result<Params> {
         registry::factory(backend)
-            .map(registry::default_params)
+            .map(|f| f.default_params())
             .ok_or_else(|| unknown_plugin(backend))
     }
 
-    /// Memory types a backend this build has can handle.
+    /// Memory types a backend this process can create handles.
     pub fn plugin_mem_types(backend: &str) -> Result<Vec<MemType>> {
+        Self::plugin_capabilities(backend).map(|c| c.mems)
+    }
+
+    /// Everything a backend this process can create declares it can do.
+    pub fn plugin_capabilities(backend: &str) -> Result<Capabilities> {
         registry::factory(backend)
-            .map(|f| f.mems.to_vec())
+            .map(|f| f.capabilities())
             .ok_or_else(|| unknown_plugin(backend))
     }
 
     /// Creates backend `name` with `params` (merged over its defaults). Creation order is the
     /// preference order for transfers. Returns the backend's index.
+    ///
+    /// Unknown parameter names and malformed values are refused with `InvalidParam`, naming
+    /// the valid names or the expected form; a backend that cannot run here (no GPU, no
+    /// library) fails with its own `NotSupported`; other failures are `Backend` errors whose
+    /// [`std::error::Error::source`] is the backend's own error.
     pub fn create_backend(&self, name: &str, params: &Params) -> Result<usize> {
         let factory = registry::factory(name).ok_or_else(|| unknown_plugin(name))?;
+        self.add_backend(&factory, params)
+    }
+
+    /// Creates a backend from `factory`, which may come from a crate outside this workspace
+    /// (see `examples/custom_backend.rs`), as [`Agent::create_backend`] does for built-in
+    /// ones. To make it creatable by name (from Python or NIXL-style configuration), register
+    /// the factory process-wide with [`registry::add_factory`] instead.
+    pub fn add_backend(&self, factory: &BackendFactory, params: &Params) -> Result<usize> {
+        let name = factory.name();
+        let parsed = factory.validate(params).map_err(|e| e.with_backend(name))?;
         let mut backends = self.inner.backends.write();
         if backends.iter().any(|b| &*b.name == name) {
             return Err(
@@ -164,32 +276,29 @@ impl Agent {
                     .with_backend(name),
             );
         }
-        let mut merged = registry::default_params(factory);
-        merged.extend(params.iter().map(|(k, v)| (k.clone(), v.clone())));
         let index = backends.len();
         let hooks: Weak<AgentInner> = Arc::downgrade(&self.inner);
-        let ctx = BackendContext {
-            agent_name: self.inner.name.clone(),
+        let ctx = BackendContext::new(
+            &self.inner.name,
             index,
-            params: merged,
-            notifs: self.inner.notifs.sender(index),
-            progress_thread: self.inner.config.progress_thread,
+            parsed,
+            self.inner.notifs.sender(index),
+            self.inner.config.progress_thread,
             hooks,
-        };
-        let backend = (factory.create)(ctx).map_err(|e| {
-            let e = if e.kind() == rixl_core::ErrorKind::InvalidParam {
-                e
-            } else {
-                Error::backend(format!("backend {name} failed to initialise: {e}"))
+        );
+        let backend = factory.create(ctx).map_err(|e| {
+            let e = match e.kind() {
+                ErrorKind::InvalidParam | ErrorKind::NotSupported => e,
+                _ => Error::backend(format!(
+                    "backend {name} failed to initialise: {}",
+                    e.message()
+                ))
+                .with_source(e),
             };
             e.with_backend(name)
         })?;
         let caps = backend.capabilities();
-        if caps.remote && !caps.notif {
-            return Err(Error::backend(format!(
-                "backend {name} is remote-capable but cannot carry notifications"
-            )));
-        }
+        check_parts(name, &caps, &factory.capabilities(), backend.as_ref())?;
         backends.push(BackendSlot {
             name: Arc::from(name),
             backend,
@@ -329,8 +438,7 @@ impl Agent {
             .collect();
         drop(state);
         for slot in &reachable {
-            slot.backend
-                .connect(agent)
+            slot.connect(agent)
                 .map_err(|e| self.inner.on_peer_error(agent, e.with_backend(&slot.name)))?;
         }
         if reachable.is_empty() {
@@ -473,7 +581,6 @@ impl Agent {
                 .find(|s| s.caps.local)
                 .ok_or_else(|| Error::backend("no local notification-capable backend"))?;
             return slot
-                .backend
                 .send_notif(agent, msg)
                 .map_err(|e| e.with_backend(&slot.name));
         }
@@ -487,8 +594,7 @@ impl Agent {
                     .with_peer(agent)
             })?;
         drop(state);
-        slot.backend
-            .send_notif(agent, msg)
+        slot.send_notif(agent, msg)
             .map_err(|e| self.inner.on_peer_error(agent, e.with_backend(&slot.name)))
     }
 
@@ -503,8 +609,10 @@ impl Agent {
         // Polls under the read lock rather than on a cloned slot list: `poll_notifs` never
         // blocks, and a NIXL-style polling loop calls this millions of times.
         if self.inner.notifs.is_empty() {
-            for s in self.inner.backends.read().iter().filter(|s| s.caps.notif) {
-                s.backend.poll_notifs();
+            for s in self.inner.backends.read().iter() {
+                if let Some(n) = s.backend.notifications() {
+                    n.poll_notifs();
+                }
             }
             if self.inner.notifs.is_empty() {
                 return Ok(Vec::new());
@@ -533,20 +641,20 @@ impl Agent {
         let attending = std::cell::Cell::new(true);
         let stop_attending = || {
             if attending.replace(false) {
-                for s in &slots {
-                    s.backend.attend_notifs(false);
+                for n in slots.iter().filter_map(|s| s.backend.notifications()) {
+                    n.attend_notifs(false);
                 }
             }
         };
-        for s in &slots {
-            s.backend.attend_notifs(true);
+        for n in slots.iter().filter_map(|s| s.backend.notifications()) {
+            n.attend_notifs(true);
         }
         let got = self.inner.notifs.wait_with(
             timeout,
             |_| true,
             || {
-                for s in &slots {
-                    s.backend.poll_notifs();
+                for n in slots.iter().filter_map(|s| s.backend.notifications()) {
+                    n.poll_notifs();
                 }
             },
             stop_attending,
@@ -671,7 +779,7 @@ impl AgentInner {
     /// Names the peer in `e` and, if the peer is gone (`RemoteDisconnect`), invalidates its
     /// metadata, as a failed transfer does.
     fn on_peer_error(&self, agent: &str, e: Error) -> Error {
-        if e.kind() == rixl_core::ErrorKind::RemoteDisconnect {
+        if e.kind() == ErrorKind::RemoteDisconnect {
             self.invalidate_remote(agent);
         }
         e.with_peer(agent)

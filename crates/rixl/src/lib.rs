@@ -41,7 +41,7 @@ pub mod config;
 mod copy;
 mod fence;
 pub mod listener;
-pub mod loopback;
+mod loopback;
 mod metadata;
 mod registration;
 pub mod registry;
@@ -51,6 +51,7 @@ mod xfer;
 pub use agent::{Agent, INIT_AGENT, INIT_AGENT_NAME};
 pub use config::{AgentConfig, DEFAULT_DEREGISTER_TIMEOUT};
 pub use listener::DEFAULT_PORT;
+pub use rixl_backend::{self as backend, BackendFactory, RequestExt};
 pub use rixl_core::{
     self as core, Capabilities, CostEstimate, CostMethod, Desc, Error, ErrorKind, MemType,
     Notification, Params, RegDesc, RegDescList, Result, StridedDesc, XferDescList, XferOp,

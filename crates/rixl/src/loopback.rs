@@ -21,8 +21,8 @@ use std::sync::{Arc, OnceLock, Weak};
 
 use parking_lot::{Mutex, RwLock};
 use rixl_backend::{
-    AgentHooks, Backend, BackendContext, BackendFactory, BackendXfer, LocalRegion, PostOutcome,
-    XferSpec,
+    AgentHooks, Backend, BackendContext, BackendFactory, BackendXfer, LocalRegion, Notifications,
+    PostOutcome, RemotePeers, XferSpec,
 };
 use rixl_core::codec::{Reader, Writer};
 use rixl_core::{
@@ -34,29 +34,29 @@ use rixl_core::{
 pub const NAME: &str = "LOOPBACK";
 
 /// Registry entry.
-pub const FACTORY: BackendFactory = BackendFactory {
-    name: NAME,
-    mems: &[MemType::Dram],
-    default_params: &[],
-    create,
-};
+pub(crate) const FACTORY: BackendFactory = BackendFactory::new(NAME, &[], capabilities, create);
+
+/// What LOOPBACK does, stated once (the factory and every instance report it).
+fn capabilities() -> Capabilities {
+    Capabilities::new(&[MemType::Dram])
+        .moving(MemType::Dram, MemType::Dram)
+        .local()
+        .remote()
+        .estimates_cost()
+        .target_fences_deregistration()
+}
 
 /// Rough in-process copy rate used by the cost estimate (bytes per microsecond).
 const COPY_BYTES_PER_US: u64 = 6_000;
 
 fn create(ctx: BackendContext) -> Result<Arc<dyn Backend>> {
-    if let Some(k) = ctx.params.keys().next() {
-        return Err(Error::invalid_param(format!(
-            "LOOPBACK takes no parameters (got {k:?})"
-        )));
-    }
     let shared = Arc::new(Endpoint {
-        agent: ctx.agent_name.clone(),
-        notifs: ctx.notifs.clone(),
+        agent: ctx.agent_name().to_owned(),
+        notifs: ctx.notifs().clone(),
         regions: RwLock::new(HashMap::new()),
         closed: AtomicBool::new(false),
         peers: Mutex::new(HashMap::new()),
-        hooks: ctx.hooks.clone(),
+        hooks: ctx.hooks().clone(),
     });
     let instance = NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed);
     instances()
@@ -66,7 +66,7 @@ fn create(ctx: BackendContext) -> Result<Arc<dyn Backend>> {
         instance,
         endpoint: shared,
         next_token: AtomicU64::new(1),
-        params: ctx.params,
+        params: ctx.params().values().clone(),
     }))
 }
 
@@ -100,7 +100,7 @@ fn lookup(instance: u64) -> Option<Arc<Endpoint>> {
 
 /// The `LOOPBACK` backend.
 #[derive(Debug)]
-pub struct Loopback {
+pub(crate) struct Loopback {
     instance: u64,
     endpoint: Arc<Endpoint>,
     next_token: AtomicU64,
@@ -149,12 +149,7 @@ impl Backend for Loopback {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            remote: true,
-            local: true,
-            notif: true,
-            mems: vec![MemType::Dram],
-        }
+        capabilities()
     }
 
     fn params(&self) -> Params {
@@ -191,39 +186,12 @@ impl Backend for Loopback {
         Ok(())
     }
 
-    fn load_remote_region(
-        &self,
-        peer: &str,
-        _mem: MemType,
-        _desc: &Desc,
-        public: &[u8],
-    ) -> Result<u64> {
-        let mut r = Reader::new(public, "LOOPBACK region data");
-        let token = r.varint().and_then(|t| r.finish().map(|()| t));
-        token.map_err(|e| e.with_peer(peer))
+    fn remote(&self) -> Option<&dyn RemotePeers> {
+        Some(self)
     }
 
-    fn conn_info(&self) -> Option<Vec<u8>> {
-        Some(encode_conn(self.instance))
-    }
-
-    fn load_remote_conn_info(&self, peer: &str, info: &[u8]) -> Result<()> {
-        let (pid, inst) = decode_conn(info)?;
-        if pid != std::process::id() {
-            return Err(Error::not_supported(format!(
-                "agent {peer:?} lives in process {pid}; LOOPBACK only reaches agents in this process"
-            )));
-        }
-        self.endpoint.peers.lock().insert(peer.to_owned(), inst);
-        Ok(())
-    }
-
-    fn disconnect(&self, peer: &str) {
-        self.endpoint.peers.lock().remove(peer);
-    }
-
-    fn connect(&self, peer: &str) -> Result<()> {
-        self.peer_endpoint(peer).map(drop)
+    fn notifications(&self) -> Option<&dyn Notifications> {
+        Some(self)
     }
 
     fn shutdown(&self) {
@@ -264,7 +232,42 @@ impl Backend for Loopback {
             target,
         }))
     }
+}
 
+impl RemotePeers for Loopback {
+    fn conn_info(&self) -> Vec<u8> {
+        encode_conn(self.instance)
+    }
+    fn load_remote_conn_info(&self, peer: &str, info: &[u8]) -> Result<()> {
+        let (pid, inst) = decode_conn(info)?;
+        if pid != std::process::id() {
+            return Err(Error::not_supported(format!(
+                "agent {peer:?} lives in process {pid}; LOOPBACK only reaches agents in this process"
+            )));
+        }
+        self.endpoint.peers.lock().insert(peer.to_owned(), inst);
+        Ok(())
+    }
+    fn load_remote_region(
+        &self,
+        peer: &str,
+        _mem: MemType,
+        _desc: &Desc,
+        public: &[u8],
+    ) -> Result<u64> {
+        let mut r = Reader::new(public, "LOOPBACK region data");
+        let token = r.varint().and_then(|t| r.finish().map(|()| t));
+        token.map_err(|e| e.with_peer(peer))
+    }
+    fn connect(&self, peer: &str) -> Result<()> {
+        self.peer_endpoint(peer).map(drop)
+    }
+    fn disconnect(&self, peer: &str) {
+        self.endpoint.peers.lock().remove(peer);
+    }
+}
+
+impl Notifications for Loopback {
     fn send_notif(&self, peer: &str, msg: &[u8]) -> Result<()> {
         let target = if peer == self.endpoint.agent {
             self.endpoint.clone()

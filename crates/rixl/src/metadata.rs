@@ -46,7 +46,7 @@ impl AgentInner {
         };
         if include_conn {
             for s in &slots {
-                if let Some(info) = s.backend.conn_info() {
+                if let Some(info) = s.backend.remote().map(|r| r.conn_info()) {
                     md.conn.push(ConnInfo {
                         backend: s.name.to_string(),
                         info,
@@ -223,7 +223,11 @@ impl AgentInner {
         let mut accepted_conn: Vec<(usize, Vec<u8>)> = Vec::new();
         let mut unreachable: Vec<(usize, Vec<u8>)> = Vec::new();
         for (slot, info) in &new_conn {
-            match slot.backend.load_remote_conn_info(peer, info) {
+            let loaded = match slot.backend.remote() {
+                Some(r) => r.load_remote_conn_info(peer, info),
+                None => Err(Error::not_supported("the backend has no remote part")),
+            };
+            match loaded {
                 Ok(()) => accepted_conn.push((slot.index, info.to_vec())),
                 Err(e) if e.kind() == rixl_core::ErrorKind::NotSupported => {
                     tracing::debug!("{} cannot reach {peer}: {e}", slot.name);
@@ -231,7 +235,7 @@ impl AgentInner {
                 }
                 Err(e) => {
                     for (b, _) in &accepted_conn {
-                        slots[*b].backend.disconnect(peer);
+                        slots[*b].disconnect(peer);
                     }
                     return Err(e.with_backend(&slot.name).with_peer(peer));
                 }
@@ -257,10 +261,11 @@ impl AgentInner {
             if !reachable(slot.index) {
                 continue;
             }
-            match slot
-                .backend
-                .load_remote_region(peer, *mem, &r.desc, &r.public)
-            {
+            let region = match slot.backend.remote() {
+                Some(remote) => remote.load_remote_region(peer, *mem, &r.desc, &r.public),
+                None => Err(Error::not_supported("the backend has no remote part")),
+            };
+            match region {
                 Ok(token) => loaded.push((
                     slot.index,
                     *mem,
@@ -272,10 +277,10 @@ impl AgentInner {
                 )),
                 Err(e) => {
                     for (b, m, _, rr) in &loaded {
-                        slots[*b].backend.unload_remote_region(peer, *m, rr.token);
+                        slots[*b].unload_remote_region(peer, *m, rr.token);
                     }
                     for (b, _) in &accepted_conn {
-                        slots[*b].backend.disconnect(peer);
+                        slots[*b].disconnect(peer);
                     }
                     return Err(e.with_backend(&slot.name).with_peer(peer));
                 }
@@ -329,14 +334,13 @@ impl AgentInner {
         for sec in &st.sections {
             if let Some(slot) = slots.get(sec.backend) {
                 for e in sec.index.entries() {
-                    slot.backend
-                        .unload_remote_region(agent, sec.mem, e.value.token);
+                    slot.unload_remote_region(agent, sec.mem, e.value.token);
                 }
             }
         }
         for (b, _) in &st.conn {
             if let Some(slot) = slots.get(*b) {
-                slot.backend.disconnect(agent);
+                slot.disconnect(agent);
             }
         }
     }

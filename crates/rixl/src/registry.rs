@@ -1,12 +1,14 @@
-//! The built-in backends this build offers (NIXL's plugin list, but static: RIXL backends are
-//! crates linked in by feature, so there is no plugin directory to scan and nothing that can
-//! fail to load at run time).
+//! The backends this process can create: the built-in ones (crates linked in by feature, so
+//! nothing can fail to load at run time) and any added with [`add_factory`], such as a backend
+//! from a crate outside this workspace. NIXL scans a plugin directory instead; a Rust program
+//! links its backends, and registering a factory is the run-time step that remains.
+
+use std::sync::RwLock;
 
 use rixl_backend::BackendFactory;
-use rixl_core::Params;
+use rixl_core::{Error, Result};
 
-/// Every backend this build can create, in the order `get_plugin_list` reports them.
-pub fn factories() -> &'static [BackendFactory] {
+fn builtin() -> &'static [BackendFactory] {
     static FACTORIES: &[BackendFactory] = &[
         crate::loopback::FACTORY,
         #[cfg(feature = "shm")]
@@ -19,20 +21,60 @@ pub fn factories() -> &'static [BackendFactory] {
     FACTORIES
 }
 
-/// The factory for `name`, if this build has that backend.
-pub fn factory(name: &str) -> Option<&'static BackendFactory> {
-    factories().iter().find(|f| f.name == name)
+static ADDED: RwLock<Vec<BackendFactory>> = RwLock::new(Vec::new());
+
+/// Every backend this process can create, in the order `get_plugin_list` reports them.
+pub fn factories() -> Vec<BackendFactory> {
+    let mut all = builtin().to_vec();
+    all.extend(
+        ADDED
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .copied(),
+    );
+    all
+}
+
+/// The factory for `name`, if this process has that backend.
+pub fn factory(name: &str) -> Option<BackendFactory> {
+    builtin()
+        .iter()
+        .copied()
+        .find(|f| f.name() == name)
+        .or_else(|| {
+            ADDED
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .copied()
+                .find(|f| f.name() == name)
+        })
 }
 
 /// Names of the available backends.
 pub fn available() -> Vec<&'static str> {
-    factories().iter().map(|f| f.name).collect()
+    factories().iter().map(|f| f.name()).collect()
 }
 
-/// Advertised parameters of a backend and their defaults.
-pub fn default_params(f: &BackendFactory) -> Params {
-    f.default_params
+/// Makes `factory` creatable by name in this process, by every agent (`create_backend`,
+/// Python's `create_backend`, `get_plugin_list`). A name already taken is refused with
+/// `InvalidParam`.
+pub fn add_factory(factory: BackendFactory) -> Result<()> {
+    let mut added = ADDED.write().unwrap_or_else(|e| e.into_inner());
+    if builtin()
         .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect()
+        .chain(added.iter())
+        .any(|f| f.name() == factory.name())
+    {
+        return Err(Error::invalid_param(format!(
+            "a backend named {:?} is already available",
+            factory.name()
+        )));
+    }
+    if factory.name().is_empty() {
+        return Err(Error::invalid_param("a backend name must not be empty"));
+    }
+    added.push(factory);
+    Ok(())
 }

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use rixl_backend::{BackendXfer, PostOutcome, XferSpec};
+use rixl_backend::{BackendXfer, PostOutcome, RequestExt, XferSpec};
 use rixl_core::completion::{monotonic_micros, monotonic_nanos};
 use rixl_core::{
     Completion, CompletionFuture, CostEstimate, Desc, Error, MemType, RegIndex, Result, Segment,
@@ -133,6 +133,9 @@ pub struct XferOptions {
     /// A deadline for each post: once it passes, `status`/`wait` cancel the post and report
     /// `Timeout`.
     pub timeout: Option<Duration>,
+    /// A per-request extension for the backend (NIXL's `customParam`; a typed value such as a
+    /// CUDA stream for backends that take one). Built-in DRAM and file backends ignore it.
+    pub ext: Option<RequestExt>,
 }
 
 impl XferOptions {
@@ -347,8 +350,8 @@ impl Agent {
                 let (li, ri) = (pick(&l.resolutions, b)?, pick(&r.resolutions, b)?);
                 l.resolutions[li]
                     .backend
-                    .backend
-                    .moves(l.mem, r.mem)
+                    .caps
+                    .can_move(l.mem, r.mem)
                     .then_some((li, ri))
             })
             .ok_or_else(|| Error::invalid_param("no backend is common to both prepared lists"))?;
@@ -442,7 +445,7 @@ impl Agent {
             }
             if !slot.caps.supports(local.mem())
                 || !slot.caps.supports(remote.mem())
-                || !slot.backend.moves(local.mem(), remote.mem())
+                || !slot.caps.can_move(local.mem(), remote.mem())
             {
                 continue;
             }
@@ -557,6 +560,7 @@ impl Agent {
             remote_mem,
             local,
             remote,
+            ext: opts.ext.as_ref(),
         };
         // SAFETY: the resolved-segment invariant of `Backend::prepare_xfer`: every segment was
         // resolved just now by this module from the agent's index of this backend's local

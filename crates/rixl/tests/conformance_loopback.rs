@@ -5,9 +5,4 @@
 //! notifications, completes every post inline, estimates costs analytically and has no
 //! `query_mem`. Every case of the suite runs as its own test.
 
-rixl_testkit::conformance_tests!(rixl_testkit::BackendHarness::new("LOOPBACK")
-    .remote(true)
-    .local(true)
-    .notif(true)
-    .estimates_cost(true)
-    .query_mem(false));
+rixl_testkit::conformance_tests!(rixl_testkit::BackendHarness::new("LOOPBACK"));

@@ -8,12 +8,6 @@
 
 fn harness() -> rixl_testkit::BackendHarness {
     rixl_testkit::BackendHarness::new("SHM")
-        .remote(true)
-        .local(false)
-        .notif(true)
-        .estimates_cost(true)
-        .query_mem(false)
-        .target_checks_deregistration(false)
 }
 
 rixl_testkit::conformance_tests!(harness());

@@ -3,7 +3,7 @@
 //! hosts), and once more with every case's target in a peer process (`cross_process`).
 //! `tcp_edge_cases.rs` adds TCP-only cases (hostile raw frames, frozen targets, striped cancel).
 //!
-//! `target_checks_deregistration` is true: the TCP target serves every byte itself and checks
+//! TCP declares `target_fences_deregistration`: the target serves every byte itself and checks
 //! each range against its own live registrations, so a write into memory it deregistered is
 //! refused (`NotFound`) instead of landing.
 
@@ -11,12 +11,6 @@
 
 fn harness() -> rixl_testkit::BackendHarness {
     rixl_testkit::BackendHarness::new("TCP")
-        .remote(true)
-        .local(false)
-        .notif(true)
-        .estimates_cost(true)
-        .query_mem(false)
-        .target_checks_deregistration(true)
 }
 
 rixl_testkit::conformance_tests!(harness());

@@ -977,8 +977,6 @@ fn plugin_and_backend_params() {
 mod conformance {
     fn harness() -> rixl_testkit::BackendHarness {
         rixl_testkit::BackendHarness::new("POSIX")
-            .local(true)
-            .query_mem(true)
     }
 
     #[test]

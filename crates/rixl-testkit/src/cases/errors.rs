@@ -43,6 +43,47 @@ pub fn create_backend_errors(h: &dyn Harness) {
         "a constructor naming an unknown backend",
     );
     let bare = bare_agent("cb-bare");
+    // Bad parameters are refused at creation, with the valid names or the expected form.
+    let advertised = Agent::plugin_params(h.backend()).expect("plugin_params");
+    let mut unknown = h.params();
+    unknown.insert("no_such_parameter".into(), "1".into());
+    let e = expect_err(
+        bare.create_backend(h.backend(), &unknown),
+        ErrorKind::InvalidParam,
+        "create_backend with an unknown parameter",
+    );
+    let m = e.to_string();
+    assert!(
+        m.contains("no_such_parameter"),
+        "the message names the parameter: {m}"
+    );
+    for name in advertised.keys() {
+        assert!(
+            m.contains(name.as_str()),
+            "the message lists the valid name {name}: {m}"
+        );
+    }
+    let spec = rixl::BackendFactory::params(
+        &rixl::registry::factory(h.backend()).expect("the backend's factory"),
+    );
+    if let Some(p) = spec
+        .iter()
+        .find(|p| matches!(p.kind, rixl::backend::ParamKind::Int { .. }))
+    {
+        let mut bad = h.params();
+        bad.insert(p.name.to_owned(), "not-a-number".into());
+        let e = expect_err(
+            bare.create_backend(h.backend(), &bad),
+            ErrorKind::InvalidParam,
+            "create_backend with a malformed integer",
+        );
+        let m = e.to_string();
+        assert!(
+            m.contains(p.name) && m.contains("integer"),
+            "the message names the parameter and the expected form: {m}"
+        );
+    }
+    assert!(bare.backends().is_empty(), "refused creations add nothing");
     assert_eq!(
         bare.create_backend(h.backend(), &h.params())
             .expect("create"),

@@ -4,8 +4,8 @@ use rixl::{Agent, ErrorKind, MemType, RegDesc, RegDescList, INIT_AGENT};
 
 use super::*;
 
-/// The harness declares what the backend reports: capabilities, plugin data, effective
-/// parameters; unknown backend names are `NotFound`.
+/// What an instance reports is what its factory declares (the harness reads the latter), and
+/// is coherent: plugin data, effective parameters; unknown backend names are `NotFound`.
 pub fn capabilities_match_harness(h: &dyn Harness) {
     let a = agent(h, "caps");
     let name = h.backend();
@@ -13,22 +13,14 @@ pub fn capabilities_match_harness(h: &dyn Harness) {
         .backend_capabilities(name)
         .unwrap_or_else(|e| panic!("backend_capabilities({name}): {e}"));
     assert_eq!(
-        caps.remote,
-        h.remote(),
-        "harness declares remote={}",
-        h.remote()
+        caps,
+        h.capabilities(),
+        "the instance of {name} reports other capabilities than the harness reads"
     );
     assert_eq!(
-        caps.local,
-        h.local(),
-        "harness declares local={}",
-        h.local()
-    );
-    assert_eq!(
-        caps.notif,
-        h.notif(),
-        "harness declares notif={}",
-        h.notif()
+        Agent::plugin_capabilities(name).expect("plugin_capabilities"),
+        caps,
+        "{name}: factory and instance disagree"
     );
     assert!(
         caps.supports(MemType::Dram),
@@ -38,6 +30,12 @@ pub fn capabilities_match_harness(h: &dyn Harness) {
         assert!(
             caps.notif,
             "a remote-capable backend must carry notifications"
+        );
+    }
+    for (l, t) in &caps.moves {
+        assert!(
+            caps.supports(*l) && caps.supports(*t),
+            "{name} moves {l} to {t} but cannot register both"
         );
     }
     assert_eq!(a.backends(), vec![name.to_owned()]);
