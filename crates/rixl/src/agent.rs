@@ -341,11 +341,14 @@ impl Agent {
     /// address, from other threads and, for remote peers, on behalf of other processes. Storage
     /// types (FILE, BLK, OBJ) address offsets, not memory, and carry no such obligation.
     pub unsafe fn register_mem(&self, list: &RegDescList, backends: &[&str]) -> Result<()> {
-        self.inner.register(list, backends)
+        self.inner.register(list, backends, false).map(drop)
     }
 
     /// Deregisters descriptors that equal registrations exactly, from the named backends or from
     /// every backend holding them. Requests and prepared lists that use them become stale.
+    /// Registrations held by a [`Registration`](crate::Registration) or
+    /// [`OwnedRegion`](crate::OwnedRegion) are refused (`InvalidParam`): their handle
+    /// deregisters them.
     pub fn deregister_mem(&self, list: &RegDescList, backends: &[&str]) -> Result<()> {
         self.inner.deregister(list, backends)
     }
@@ -711,7 +714,9 @@ impl Drop for Agent {
         for section in regs.sections.iter_mut() {
             let backend = &slots[section.backend].backend;
             for e in section.index.drain() {
-                if let Err(err) = backend.deregister(section.mem, e.value.token) {
+                let r = backend.deregister(section.mem, e.value.token);
+                e.value.fence.mark_released(r.is_ok());
+                if let Err(err) = r {
                     tracing::warn!("deregistration at agent teardown failed: {err}");
                 }
             }

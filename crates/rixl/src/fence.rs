@@ -22,7 +22,7 @@
 //! unpin) and a load; a request over one region pays about 20 ns, a KV-cache request whose
 //! prepared lists span 64 regions about 1–2 µs on a post that moves megabytes.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -33,7 +33,15 @@ pub(crate) struct RegionFence {
     pub id: u64,
     inflight: AtomicU64,
     closed: AtomicBool,
+    /// What the backend said when it was told to deregister the region: one of `RELEASE_*`.
+    /// Handles (`owned`) read it to know whether the memory may be freed, also when the
+    /// agent's teardown, not the handle, deregistered the region.
+    release: AtomicU8,
 }
+
+const RELEASE_PENDING: u8 = 0;
+const RELEASE_OK: u8 = 1;
+const RELEASE_FAILED: u8 = 2;
 
 impl RegionFence {
     pub fn new(id: u64) -> Arc<RegionFence> {
@@ -41,6 +49,7 @@ impl RegionFence {
             id,
             inflight: AtomicU64::new(0),
             closed: AtomicBool::new(false),
+            release: AtomicU8::new(RELEASE_PENDING),
         })
     }
 
@@ -81,6 +90,22 @@ impl RegionFence {
     pub fn inflight(&self) -> u64 {
         self.inflight.load(Ordering::SeqCst)
     }
+
+    /// Records that the backend's `deregister` returned for the region (`ok`: successfully).
+    /// Called after the region left the agent's index, with its fence closed for good.
+    pub fn mark_released(&self, ok: bool) {
+        let v = if ok { RELEASE_OK } else { RELEASE_FAILED };
+        self.release.store(v, Ordering::Release);
+    }
+
+    /// `None` while the region is registered; then whether the backend released it without
+    /// error.
+    pub fn released(&self) -> Option<bool> {
+        match self.release.load(Ordering::Acquire) {
+            RELEASE_PENDING => None,
+            v => Some(v == RELEASE_OK),
+        }
+    }
 }
 
 /// Waits until no post uses any of `fences`, or `deadline` passes. Returns the fences still in
@@ -96,6 +121,46 @@ pub(crate) fn wait_idle(fences: &[Arc<RegionFence>], deadline: Instant) -> Vec<A
             .collect();
         if busy.is_empty() || Instant::now() >= deadline {
             return busy;
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(1));
+    }
+}
+
+/// How [`wait_released`] ended.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Released {
+    /// Every region was released by its backend and no post uses any of them.
+    All,
+    /// A backend failed to release this many of the regions (no post uses any of them).
+    Failed(usize),
+    /// At the deadline, this many regions were still registered or used by a post.
+    Pending(usize),
+}
+
+/// Waits until the backend has released every region of `fences` and no post uses any of
+/// them, or `deadline` passes: after that, nothing touches their memory any more. Polls like
+/// [`wait_idle`].
+pub(crate) fn wait_released(fences: &[Arc<RegionFence>], deadline: Instant) -> Released {
+    let mut pause = Duration::from_micros(2);
+    loop {
+        let pending = fences
+            .iter()
+            .filter(|f| f.released().is_none() || f.inflight() > 0)
+            .count();
+        if pending == 0 {
+            let failed = fences
+                .iter()
+                .filter(|f| f.released() == Some(false))
+                .count();
+            return if failed == 0 {
+                Released::All
+            } else {
+                Released::Failed(failed)
+            };
+        }
+        if Instant::now() >= deadline {
+            return Released::Pending(pending);
         }
         std::thread::sleep(pause);
         pause = (pause * 2).min(Duration::from_millis(1));
@@ -168,6 +233,31 @@ mod tests {
         assert!(wait_idle(&[a.clone(), b.clone()], Instant::now()).is_empty());
         b.reopen();
         assert_eq!(pins.first_closed(), None);
+    }
+
+    #[test]
+    fn wait_released_needs_every_region_released_and_idle() {
+        let (a, b) = (RegionFence::new(1), RegionFence::new(2));
+        let both = [a.clone(), b.clone()];
+        assert_eq!(a.released(), None);
+        assert_eq!(wait_released(&both, Instant::now()), Released::Pending(2));
+        a.mark_released(true);
+        assert_eq!(a.released(), Some(true));
+        assert_eq!(wait_released(&both, Instant::now()), Released::Pending(1));
+        let pins = PostPins::new(vec![Arc::from(vec![b.clone()])]);
+        pins.pin().unwrap();
+        b.mark_released(false);
+        assert_eq!(
+            wait_released(&both, Instant::now()),
+            Released::Pending(1),
+            "a region a post still uses is pending even once released"
+        );
+        pins.unpin();
+        assert_eq!(wait_released(&both, Instant::now()), Released::Failed(1));
+        assert_eq!(
+            wait_released(std::slice::from_ref(&a), Instant::now()),
+            Released::All
+        );
     }
 
     #[test]

@@ -29,10 +29,16 @@
 //! # Ok::<(), rixl::Error>(())
 //! ```
 //!
+//! Memory the agent can own needs no `unsafe`: [`Agent::register_owned`] takes a `Vec<u8>` or
+//! `Box<[u8]>` and returns an [`OwnedRegion`] that deregisters (waiting for posts in flight)
+//! before it frees or gives back the buffer; [`Agent::register`] and
+//! [`Agent::register_storage`] return a [`Registration`] handle that deregisters on drop.
+//!
 //! Layout: [`Agent`] (backends, registrations, metadata cache, notifications) in `agent`;
-//! prepared lists and requests in `xfer`; the remote metadata cache in `remote`; built-in
-//! backends in `registry` (the in-process `LOOPBACK` backend lives here, the others in their
-//! own crates). Types shared with backends come from `rixl-core` and are re-exported.
+//! registration handles in `owned`; prepared lists and requests in `xfer`; the remote metadata
+//! cache in `remote`; built-in backends in `registry` (the in-process `LOOPBACK` backend lives
+//! here, the others in their own crates). Types shared with backends come from `rixl-core` and
+//! are re-exported.
 
 #![warn(missing_docs)]
 
@@ -43,6 +49,7 @@ mod fence;
 pub mod listener;
 mod loopback;
 mod metadata;
+mod owned;
 mod registration;
 pub mod registry;
 mod remote;
@@ -51,6 +58,7 @@ mod xfer;
 pub use agent::{Agent, INIT_AGENT, INIT_AGENT_NAME};
 pub use config::{AgentConfig, DEFAULT_DEREGISTER_TIMEOUT};
 pub use listener::DEFAULT_PORT;
+pub use owned::{DeregisterError, OwnedRegion, RegisterableBuffer, Registration};
 pub use rixl_backend::{self as backend, BackendFactory, RequestExt};
 pub use rixl_core::{
     self as core, Capabilities, CostEstimate, CostMethod, Desc, Error, ErrorKind, MemType,
