@@ -10,13 +10,36 @@
 //! agent can uphold; `rixl-core` forbids `unsafe` outright. This crate contains no unsafe
 //! operation: `unsafe_code` is denied here and allowed only on those two declarations.
 //!
-//! The trait is deliberately small and object-safe (`Arc<dyn Backend>`), in the spirit of
-//! `object_store`: the agent does all bookkeeping (registration index, remote metadata cache,
-//! generations, descriptor validation, merging, handles) and hands a backend only what it must
-//! act on: one region to register, one peer's connection info, and transfer requests whose
+//! ## The model
+//!
+//! The agent does all bookkeeping (registration index, remote metadata cache, generations,
+//! descriptor validation, merging, handles, deregistration fences) and hands a backend only
+//! what it must act on: one region to register, one peer's connection info, and transfers whose
 //! descriptors are already validated, merged and resolved to the backend's own region tokens.
-//! Optional operations have default bodies that return `NotSupported`, so a storage backend
-//! does not have to pretend to be remote-capable.
+//! A backend is, in the spirit of `object_store`, one small object-safe trait plus data:
+//!
+//! - **What it is, before any instance exists**: a [`BackendFactory`] (name, parameter table,
+//!   capabilities, constructor). `get_plugin_list`, `get_plugin_params` and
+//!   `get_plugin_mem_types` read it; `Agent::add_backend` (one agent) or
+//!   `rixl::registry::add_factory` (the whole process) adds one from outside RIXL.
+//! - **What it can do**: one [`Capabilities`] value, stated once in the backend, read by the
+//!   agent (selection), the conformance suite (which cases apply) and `rixl-bench`.
+//! - **Its parameters**: one `&'static [ParamSpec]` table; defaults, validation with messages
+//!   that name the valid names and forms, typed access ([`ParsedParams`]) and the crate docs'
+//!   table ([`docs_match`]) all come from it.
+//! - **The required part** ([`Backend`]): register and deregister regions, prepare transfers.
+//! - **Optional parts**: [`RemotePeers`] for backends that reach other agents, and
+//!   [`Notifications`] for those that carry notifications, reached through
+//!   [`Backend::remote`] and [`Backend::notifications`]. The agent checks at creation that the
+//!   parts offered match the capabilities declared.
+//! - **Per request**: [`XferSpec::ext`] carries the application's [`RequestExt`] (NIXL's
+//!   `customParam`, or a typed value such as a CUDA stream) to the backend that moves it.
+//! - **Errors**: `rixl_core::Error` kinds (NIXL's statuses) plus context; keep the lower-level
+//!   cause with `Error::with_source`. Return `NotSupported` from the constructor when the
+//!   backend cannot run here (no GPU, no library): the agent passes it on unchanged.
+//!
+//! `docs/WRITING-A-BACKEND.md` walks through `examples/custom-backend`, a backend written
+//! against the public API only.
 //!
 //! Target-side backends that serve requests from the network must still check every incoming
 //! range against their own registrations: the agent validated the initiator's view, not the
