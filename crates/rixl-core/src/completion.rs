@@ -307,7 +307,10 @@ impl CompletionHandle {
     }
 }
 
-/// A future resolving when a request's current post completes.
+/// A future resolving when a request's current post completes, or fails, as reported to the
+/// cell. It only watches the cell: the agent's `rixl::XferFuture`, which requests return,
+/// builds on [`Completion::poll_done`] and also honours deadlines, peer invalidation and drives
+/// backend progress.
 #[derive(Debug)]
 pub struct CompletionFuture {
     cell: Arc<Completion>,

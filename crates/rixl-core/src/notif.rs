@@ -2,11 +2,20 @@
 //!
 //! Backends push notifications (from the sender named by the connection they arrived on) into
 //! one queue per agent; the application drains it, optionally filtered by backend, or blocks on
-//! it with a timeout. Nobody polls: a push wakes the sleepers.
+//! it with a timeout, or awaits it (the agent's notification stream). Nobody polls: a push wakes
+//! the sleepers and the registered wakers.
+//!
+//! Async consumers take one notification at a time with [`NotifQueue::pop_or_register`], which
+//! looks at the queue and, if it is empty, registers the task's waker under the same lock that
+//! a push takes: a notification pushed after the look finds the waker, one pushed before is
+//! found by the look, so no wake-up is lost. A push takes every registered waker (each
+//! consumer registers again when it next finds the queue empty). [`NotifQueue::close`] (the
+//! agent is gone) wakes them for the last time and makes every later look report the end.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::Waker;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
@@ -25,11 +34,33 @@ pub struct Notification {
 /// The per-agent queue. Backends get a [`NotifSender`] bound to their index.
 #[derive(Debug, Default)]
 pub struct NotifQueue {
-    queue: Mutex<VecDeque<Notification>>,
+    queue: Mutex<Queue>,
     cond: Condvar,
     pushed: AtomicU64,
     /// Notifications queued right now (read without the lock by spinning waiters).
     queued: AtomicUsize,
+    /// Source of async consumer ids.
+    consumers: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    items: VecDeque<Notification>,
+    /// Wakers of async consumers that found the queue empty, by consumer id.
+    wakers: Vec<(u64, Waker)>,
+    /// Set once the agent is gone: async consumers end.
+    closed: bool,
+}
+
+/// What [`NotifQueue::pop_or_register`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Popped {
+    /// The oldest notification, now removed from the queue.
+    Item(Notification),
+    /// The queue was empty; the waker is registered and will be woken by the next push.
+    Empty,
+    /// The queue was closed (the agent is gone).
+    Closed,
 }
 
 /// How long a waiter spins before sleeping: a notification round trip on one host takes tens of
@@ -52,11 +83,62 @@ impl NotifQueue {
 
     fn push(&self, n: Notification) {
         let mut q = self.queue.lock();
-        q.push_back(n);
-        self.queued.store(q.len(), Ordering::Release);
+        q.items.push_back(n);
+        self.queued.store(q.items.len(), Ordering::Release);
+        let wakers = if q.wakers.is_empty() {
+            Vec::new()
+        } else {
+            std::mem::take(&mut q.wakers)
+        };
         drop(q);
         self.pushed.fetch_add(1, Ordering::Release);
         self.cond.notify_all();
+        for (_, w) in wakers {
+            w.wake();
+        }
+    }
+
+    /// A new id for an async consumer (see [`NotifQueue::pop_or_register`]).
+    pub fn new_consumer(&self) -> u64 {
+        self.consumers.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// For async consumers: removes and returns the oldest notification (from any backend); if
+    /// there is none, registers `waker` under `consumer` (replacing that consumer's previous
+    /// one) to be woken by the next push. Returns [`Popped::Closed`] once the queue is closed.
+    pub fn pop_or_register(&self, consumer: u64, waker: &Waker) -> Popped {
+        let mut q = self.queue.lock();
+        if q.closed {
+            return Popped::Closed;
+        }
+        if let Some(n) = q.items.pop_front() {
+            self.queued.store(q.items.len(), Ordering::Release);
+            return Popped::Item(n);
+        }
+        match q.wakers.iter_mut().find(|(id, _)| *id == consumer) {
+            Some((_, w)) => w.clone_from(waker),
+            None => q.wakers.push((consumer, waker.clone())),
+        }
+        Popped::Empty
+    }
+
+    /// Forgets the waker of `consumer` (it was dropped).
+    pub fn unregister(&self, consumer: u64) {
+        self.queue.lock().wakers.retain(|(id, _)| *id != consumer);
+    }
+
+    /// Ends async consumption: wakes the registered wakers, and every later
+    /// [`NotifQueue::pop_or_register`] returns [`Popped::Closed`]. Pushes and the blocking
+    /// calls keep working.
+    pub fn close(&self) {
+        let wakers = {
+            let mut q = self.queue.lock();
+            q.closed = true;
+            std::mem::take(&mut q.wakers)
+        };
+        for (_, w) in wakers {
+            w.wake();
+        }
     }
 
     /// True when nothing is queued (one atomic load).
@@ -69,10 +151,10 @@ impl NotifQueue {
     pub fn drain(&self, mut filter: impl FnMut(usize) -> bool) -> Vec<Notification> {
         let mut q = self.queue.lock();
         let mut out = Vec::new();
-        if q.iter().all(|n| filter(n.backend)) {
-            out.extend(q.drain(..));
+        if q.items.iter().all(|n| filter(n.backend)) {
+            out.extend(q.items.drain(..));
         } else {
-            q.retain(|n| {
+            q.items.retain(|n| {
                 if filter(n.backend) {
                     out.push(n.clone());
                     false
@@ -81,7 +163,7 @@ impl NotifQueue {
                 }
             });
         }
-        self.queued.store(q.len(), Ordering::Release);
+        self.queued.store(q.items.len(), Ordering::Release);
         out
     }
 
@@ -106,7 +188,7 @@ impl NotifQueue {
         loop {
             progress();
             if self.queued.load(Ordering::Acquire) > 0
-                && self.queue.lock().iter().any(|n| filter(n.backend))
+                && self.queue.lock().items.iter().any(|n| filter(n.backend))
             {
                 return true;
             }
@@ -121,13 +203,13 @@ impl NotifQueue {
         let deadline = start.checked_add(timeout);
         let mut q = self.queue.lock();
         loop {
-            if q.iter().any(|n| filter(n.backend)) {
+            if q.items.iter().any(|n| filter(n.backend)) {
                 return true;
             }
             match deadline {
                 Some(d) => {
                     if self.cond.wait_until(&mut q, d).timed_out() {
-                        return q.iter().any(|n| filter(n.backend));
+                        return q.items.iter().any(|n| filter(n.backend));
                     }
                 }
                 None => self.cond.wait(&mut q),
@@ -156,5 +238,88 @@ impl NotifSender {
             msg: msg.to_vec(),
             backend: self.backend,
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use std::task::Wake;
+
+    struct Count(AtomicUsize);
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn counter() -> (Arc<Count>, Waker) {
+        let c = Arc::new(Count(AtomicUsize::new(0)));
+        (c.clone(), Waker::from(c))
+    }
+
+    #[test]
+    fn pop_or_register_yields_in_order_and_a_push_wakes_the_registered() {
+        let q = NotifQueue::new();
+        let tx = q.sender(2);
+        let (a, b) = (q.new_consumer(), q.new_consumer());
+        assert_ne!(a, b);
+        let (ca, wa) = counter();
+        let (cb, wb) = counter();
+        assert_eq!(q.pop_or_register(a, &wa), Popped::Empty);
+        assert_eq!(
+            q.pop_or_register(a, &wa),
+            Popped::Empty,
+            "registering twice"
+        );
+        assert_eq!(q.pop_or_register(b, &wb), Popped::Empty);
+        q.unregister(b);
+        tx.deliver("x", b"1");
+        tx.deliver("x", b"2");
+        assert_eq!(
+            ca.0.load(Ordering::SeqCst),
+            1,
+            "one wake for the registered consumer"
+        );
+        assert_eq!(
+            cb.0.load(Ordering::SeqCst),
+            0,
+            "unregistered consumers are not woken"
+        );
+        for m in [b"1", b"2"] {
+            match q.pop_or_register(a, &wa) {
+                Popped::Item(n) => {
+                    assert_eq!((n.from.as_str(), &n.msg[..], n.backend), ("x", &m[..], 2))
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(q.is_empty());
+        assert_eq!(q.pop_or_register(a, &wa), Popped::Empty);
+        q.close();
+        assert_eq!(ca.0.load(Ordering::SeqCst), 2, "close wakes the registered");
+        assert_eq!(q.pop_or_register(a, &wa), Popped::Closed);
+        tx.deliver("x", b"3");
+        assert_eq!(q.drain(|_| true).len(), 1, "the blocking API keeps working");
+    }
+
+    #[test]
+    fn no_wakeup_is_lost_between_the_look_and_the_registration() {
+        // A consumer that finds the queue empty either sees a concurrent push or is woken by it.
+        for _ in 0..200 {
+            let q = NotifQueue::new();
+            let tx = q.sender(0);
+            let id = q.new_consumer();
+            let (c, w) = counter();
+            let pusher = std::thread::spawn(move || tx.deliver("p", b""));
+            let got = q.pop_or_register(id, &w);
+            pusher.join().unwrap();
+            match got {
+                Popped::Item(_) => {}
+                Popped::Empty => assert_eq!(c.0.load(Ordering::SeqCst), 1, "lost wake-up"),
+                Popped::Closed => panic!("not closed"),
+            }
+        }
     }
 }

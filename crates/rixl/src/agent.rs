@@ -682,6 +682,8 @@ impl Drop for Agent {
         // Stop the listener first: it may be loading metadata into this agent.
         drop(inner.listener.lock().take());
         inner.alive.store(false, Ordering::Release);
+        // Ends the notification streams (they hold no strong reference to wake them otherwise).
+        inner.notifs.close();
         let names: Vec<String> = inner.remotes.read().keys().cloned().collect();
         for n in names {
             inner.invalidate_remote(&n);

@@ -34,11 +34,17 @@
 //! before it frees or gives back the buffer; [`Agent::register`] and
 //! [`Agent::register_storage`] return a [`Registration`] handle that deregisters on drop.
 //!
+//! The API is blocking and runtime-free, with async forms that need no runtime either:
+//! [`XferRequest::completion`] is an [`XferFuture`] that honours the request's deadline, the
+//! peer's invalidation and drives the backend like `status()`, and [`Agent::notifications`] is
+//! a [`NotifStream`] of received notifications; both work under any executor.
+//!
 //! Layout: [`Agent`] (backends, registrations, metadata cache, notifications) in `agent`;
-//! registration handles in `owned`; prepared lists and requests in `xfer`; the remote metadata
-//! cache in `remote`; built-in backends in `registry` (the in-process `LOOPBACK` backend lives
-//! here, the others in their own crates). Types shared with backends come from `rixl-core` and
-//! are re-exported.
+//! registration handles in `owned`; prepared lists and requests in `xfer`, their future in
+//! `future` (woken at deadlines by the process-wide thread in `timer`); the notification stream
+//! in `stream`; the remote metadata cache in `remote`; built-in backends in `registry` (the
+//! in-process `LOOPBACK` backend lives here, the others in their own crates). Types shared with
+//! backends come from `rixl-core` and `rixl-backend` and are re-exported.
 
 #![warn(missing_docs)]
 
@@ -46,6 +52,7 @@ mod agent;
 pub mod config;
 mod copy;
 mod fence;
+mod future;
 pub mod listener;
 mod loopback;
 mod metadata;
@@ -53,10 +60,13 @@ mod owned;
 mod registration;
 pub mod registry;
 mod remote;
+mod stream;
+mod timer;
 mod xfer;
 
 pub use agent::{Agent, INIT_AGENT, INIT_AGENT_NAME};
 pub use config::{AgentConfig, DEFAULT_DEREGISTER_TIMEOUT};
+pub use future::XferFuture;
 pub use listener::DEFAULT_PORT;
 pub use owned::{DeregisterError, OwnedRegion, RegisterableBuffer, Registration};
 pub use rixl_backend::{self as backend, BackendFactory, RequestExt};
@@ -65,4 +75,5 @@ pub use rixl_core::{
     Notification, Params, RegDesc, RegDescList, Result, StridedDesc, XferDescList, XferOp,
     XferStatus,
 };
+pub use stream::NotifStream;
 pub use xfer::{PreparedList, XferOptions, XferRequest, XferTelemetry};

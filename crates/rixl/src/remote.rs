@@ -4,10 +4,21 @@
 //! entry they were built against; invalidation clears the entry's `valid` flag and removes it
 //! from the cache, so every later use of those handles fails with `NotFound` after one atomic
 //! load, and a reload creates a fresh entry with a new generation.
+//!
+//! Invalidation also has to reach requests that are being awaited. `status()` notices a stale
+//! entry when it is called, but an `XferFuture` is only polled when something wakes it, and the
+//! backend may never complete a post to a peer that died (or whose metadata the application
+//! dropped). So each entry keeps the wakers of the futures awaiting posts to that peer, and
+//! [`RemoteEntry::invalidate`] wakes them after clearing `valid`; their next poll sees the entry
+//! invalid and ends the post with `NotFound`, the same way `status()` does. Watching is
+//! registered before validity is checked, and invalidation clears the flag before it takes the
+//! wakers, under the same lock, so a future either sees the flag or is woken: never neither.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::Waker;
 
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 use rixl_core::{MemType, RegIndex};
 
 /// Source of generation numbers: global and monotonic, so a reloaded agent never reuses one.
@@ -66,6 +77,16 @@ pub(crate) struct RemoteEntry {
     pub generation: u64,
     valid: AtomicBool,
     pub state: RwLock<RemoteState>,
+    /// Wakers of the futures awaiting posts to this peer, woken by `invalidate`.
+    watchers: Mutex<Watchers>,
+}
+
+#[derive(Debug, Default)]
+struct Watchers {
+    next_id: u64,
+    wakers: HashMap<u64, Waker>,
+    /// Set by `invalidate`: later watches are refused.
+    closed: bool,
 }
 
 impl RemoteEntry {
@@ -75,6 +96,7 @@ impl RemoteEntry {
             generation: NEXT_GENERATION.fetch_add(1, Ordering::Relaxed),
             valid: AtomicBool::new(true),
             state: RwLock::new(RemoteState::default()),
+            watchers: Mutex::new(Watchers::default()),
         }
     }
 
@@ -83,7 +105,89 @@ impl RemoteEntry {
         self.valid.load(Ordering::Acquire)
     }
 
+    /// Marks the entry stale and wakes every watcher (see the module documentation).
     pub fn invalidate(&self) {
         self.valid.store(false, Ordering::Release);
+        let wakers = {
+            let mut w = self.watchers.lock();
+            w.closed = true;
+            std::mem::take(&mut w.wakers)
+        };
+        wakers.into_values().for_each(Waker::wake);
+    }
+
+    /// Has `waker` woken when the entry is invalidated: registers it under a new id, or
+    /// replaces the waker of `id`. Returns the id, or `None` if the entry is invalid already
+    /// (nothing is registered then).
+    pub fn watch(&self, id: Option<u64>, waker: &Waker) -> Option<u64> {
+        let mut w = self.watchers.lock();
+        if w.closed {
+            return None;
+        }
+        let id = id.unwrap_or_else(|| {
+            w.next_id += 1;
+            w.next_id
+        });
+        match w.wakers.get_mut(&id) {
+            Some(old) => old.clone_from(waker),
+            None => {
+                w.wakers.insert(id, waker.clone());
+            }
+        }
+        Some(id)
+    }
+
+    /// Removes watch `id` (a future that resolved or was dropped).
+    pub fn unwatch(&self, id: u64) {
+        self.watchers.lock().wakers.remove(&id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Arc;
+    use std::task::Wake;
+
+    struct Count(AtomicUsize);
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn invalidate_wakes_watchers_once_and_refuses_later_watches() {
+        let e = RemoteEntry::new("peer");
+        let (a, b, c) = (
+            Arc::new(Count(AtomicUsize::new(0))),
+            Arc::new(Count(AtomicUsize::new(0))),
+            Arc::new(Count(AtomicUsize::new(0))),
+        );
+        let ia = e.watch(None, &Waker::from(a.clone())).unwrap();
+        let ib = e.watch(None, &Waker::from(c.clone())).unwrap();
+        assert_ne!(ia, ib);
+        // Re-watching under the same id replaces the waker (the future moved to another task).
+        assert_eq!(e.watch(Some(ib), &Waker::from(b.clone())), Some(ib));
+        let ic = e.watch(None, &Waker::from(c.clone())).unwrap();
+        e.unwatch(ic);
+        assert!(e.is_valid());
+        e.invalidate();
+        assert!(!e.is_valid());
+        assert_eq!(a.0.load(Ordering::SeqCst), 1);
+        assert_eq!(b.0.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            c.0.load(Ordering::SeqCst),
+            0,
+            "replaced and unwatched wakers stay quiet"
+        );
+        assert_eq!(e.watch(None, &Waker::from(a.clone())), None);
+        e.invalidate();
+        assert_eq!(
+            a.0.load(Ordering::SeqCst),
+            1,
+            "a second invalidation wakes nobody"
+        );
     }
 }
