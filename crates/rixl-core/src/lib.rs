@@ -30,6 +30,7 @@ pub mod mem;
 pub mod metadata;
 pub mod notif;
 pub mod op;
+pub mod resolve;
 pub mod segments;
 
 pub use backend::{Capabilities, CostEstimate, CostMethod, Params, Segment};

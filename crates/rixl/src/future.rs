@@ -36,8 +36,8 @@ use std::time::{Duration, Instant};
 use rixl_core::completion::monotonic_nanos;
 use rixl_core::{Result, XferStatus};
 
+use crate::request::{ReqInner, ONE_STEP};
 use crate::timer::TimerEntry;
-use crate::xfer::{ReqInner, ONE_STEP};
 
 /// The future returned by [`XferRequest::completion`](crate::XferRequest::completion): resolves
 /// with what [`XferRequest::wait`](crate::XferRequest::wait) would return for the request's

@@ -57,9 +57,11 @@ pub mod listener;
 mod loopback;
 mod metadata;
 mod owned;
+mod prepared;
 mod registration;
 pub mod registry;
 mod remote;
+mod request;
 mod stream;
 mod timer;
 mod xfer;
@@ -69,6 +71,8 @@ pub use config::{AgentConfig, DEFAULT_DEREGISTER_TIMEOUT};
 pub use future::XferFuture;
 pub use listener::DEFAULT_PORT;
 pub use owned::{DeregisterError, OwnedRegion, RegisterableBuffer, Registration};
+pub use prepared::PreparedList;
+pub use request::{XferRequest, XferTelemetry};
 pub use rixl_backend::{self as backend, BackendFactory, RequestExt};
 pub use rixl_core::{
     self as core, Capabilities, CostEstimate, CostMethod, Desc, Error, ErrorKind, MemType,
@@ -76,4 +80,4 @@ pub use rixl_core::{
     XferStatus,
 };
 pub use stream::NotifStream;
-pub use xfer::{PreparedList, XferOptions, XferRequest, XferTelemetry};
+pub use xfer::XferOptions;
