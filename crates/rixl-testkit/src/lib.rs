@@ -30,14 +30,47 @@
 //! so a harness cannot silently skip half of the suite. [`run_all`] runs every case in one test
 //! instead, and [`CASES`] lists them for other drivers.
 //!
+//! A storage backend runs the same suite: its cases write to and read from storage instead of
+//! host memory (see "What the suite assumes"). POSIX, for example, runs it with FILE target
+//! memory (the default choice from its capabilities) and with BLK:
+//!
+//! ```ignore
+//! mod conformance {
+//!     rixl_testkit::conformance_tests!(rixl_testkit::BackendHarness::new("POSIX"));
+//! }
+//! mod conformance_blk {
+//!     rixl_testkit::conformance_tests!(
+//!         rixl_testkit::BackendHarness::new("POSIX").target_mem(rixl::MemType::Blk)
+//!     );
+//! }
+//! ```
+//!
 //! ## What the suite assumes
 //!
-//! - DRAM. Every case moves host memory ([`TestBuffer`]): one agent targeting itself (NIXL's
-//!   loopback), and an initiator talking to a target through the backend's remote path. The
-//!   target lives in the test process, or, with
+//! - DRAM on the initiator, the backend's own memory type on the target. Every case's
+//!   initiator moves host memory ([`TestBuffer`]). What its requests write to and read from,
+//!   the *target memory* ([`TargetMem`], module [`target_mem`]), is of the type the backend
+//!   moves DRAM to ([`Harness::target_mem`]): the first `(DRAM, X)` pair of its declared
+//!   [`Capabilities::moves`] whose `X` the suite can make, DRAM→DRAM first when the backend
+//!   has it. LOOPBACK, SHM and TCP get a [`TestBuffer`], exactly as before; POSIX gets a
+//!   [`TestFile`] for DRAM→FILE (or DRAM→BLK): a temporary file registered by path, whose
+//!   transfer descriptors carry the file offset as `addr` and the file's key as `dev`. Cases
+//!   describe and check target memory through [`TestMem`] (descriptors, registrations,
+//!   reading and asserting byte ranges), so each runs unchanged on every type; the
+//!   registration cases check DRAM and, when it differs, the target type; the "agent still
+//!   works" check after the error cases copies over the backend's own pair. A backend whose
+//!   moves the suite cannot make memory for yet (DRAM↔OBJ; VRAM↔FILE, whose initiator side is
+//!   not DRAM) gets the cases that move no data, and every other case prints why it is
+//!   skipped; supporting it means a new [`TargetMem`] variant.
+//! - Two modes. One agent targeting itself (NIXL's loopback; local backends: LOOPBACK and the
+//!   storage backends), and an initiator talking to a target through the backend's remote
+//!   path. The target lives in the test process, or, with
 //!   [`cross_process_conformance_tests!`], in a peer process that maps the test buffers at the
-//!   same addresses (see [`remote`]); there, "the peer dies" means SIGKILL. Storage backends
-//!   (FILE, OBJ, BLK targets) need their own cases on top of this suite.
+//!   same addresses (see [`remote`]) and opens test files by path; there, "the peer dies" means
+//!   SIGKILL. Cases that need two agents or notifications print why they are skipped on a
+//!   backend without them (POSIX is local-only, without notifications). Behaviour particular to
+//!   one kind of memory (end of file, read-only files, O_DIRECT alignment) belongs to the
+//!   backend's own tests.
 //! - No timing. Nothing asserts how long anything takes; waits are bounded by
 //!   [`Harness::timeout`] only so that a broken backend fails instead of hanging.
 //! - RIXL's default configuration. `NIXL_TELEMETRY_ENABLE` (telemetry cases; agent creation
@@ -48,7 +81,8 @@
 //!
 //! Cases follow one rule that makes their `unsafe` registrations sound: buffers are created
 //! before the agents that register them, so agents (whose drop deregisters everything) go first,
-//! and buffer contents are only read or written while no transfer is in flight.
+//! and buffer contents are only read or written while no transfer is in flight. (Storage
+//! registrations carry no memory obligation; test files follow the same order anyway.)
 
 #![warn(missing_docs)]
 
@@ -59,14 +93,16 @@ pub mod child;
 pub mod peer;
 pub mod remote;
 mod support;
+pub mod target_mem;
 
 use std::time::Duration;
 
-use rixl::{Agent, AgentConfig, Capabilities, Params};
+use rixl::{Agent, AgentConfig, Capabilities, MemType, Params};
 
 pub use buffer::{assert_bytes_eq, pattern, pattern_byte, TestBuffer};
 pub use remote::{CrossProcess, RemoteAgent, TargetAgent};
 pub use support::{block_on, dram_list, eventually, unique_name, Rng};
+pub use target_mem::{target_mem_type, TargetMem, TestFile, TestMem};
 
 /// How to make agents for the backend under test, and what the backend can do.
 ///
@@ -149,6 +185,15 @@ pub trait Harness: Sync {
         self.capabilities().notif
     }
 
+    /// The memory type of the target side of the suite's transfers (the initiator side is
+    /// always DRAM): by default chosen from the declared moves by [`target_mem_type`] (DRAM
+    /// when the backend moves DRAM to DRAM, else FILE or BLK). `None` when the backend moves
+    /// DRAM to nothing the suite can make: cases that move data then print why they are
+    /// skipped.
+    fn target_mem(&self) -> Option<MemType> {
+        target_mem_type(&self.capabilities())
+    }
+
     /// The backend estimates transfer costs (otherwise `estimate_cost` must be `NotSupported`).
     fn estimates_cost(&self) -> bool {
         self.capabilities().estimates_cost
@@ -182,6 +227,7 @@ pub struct BackendHarness {
     name: String,
     params: Params,
     caps: std::sync::OnceLock<Capabilities>,
+    target: Option<MemType>,
     timeout: Duration,
 }
 
@@ -192,6 +238,7 @@ impl BackendHarness {
             name: name.to_owned(),
             params: Params::new(),
             caps: std::sync::OnceLock::new(),
+            target: None,
             timeout: Duration::from_secs(30),
         }
     }
@@ -199,6 +246,14 @@ impl BackendHarness {
     /// Adds a backend parameter.
     pub fn param(mut self, key: &str, value: &str) -> BackendHarness {
         self.params.insert(key.to_owned(), value.to_owned());
+        self
+    }
+
+    /// Runs the cases with `mem` as the target memory instead of the default choice (see
+    /// [`Harness::target_mem`]): POSIX moves DRAM to FILE and to BLK, and runs the suite once
+    /// for each. `capabilities_match_harness` checks that the backend moves DRAM to `mem`.
+    pub fn target_mem(mut self, mem: MemType) -> BackendHarness {
+        self.target = Some(mem);
         self
     }
 
@@ -224,6 +279,10 @@ impl Harness for BackendHarness {
                 })
             })
             .clone()
+    }
+    fn target_mem(&self) -> Option<MemType> {
+        self.target
+            .or_else(|| target_mem_type(&self.capabilities()))
     }
     fn timeout(&self) -> Duration {
         self.timeout

@@ -45,7 +45,8 @@ use crate::Harness;
 ///
 /// Implemented by [`Agent`] (target in this process) and [`RemoteAgent`] (target in a peer
 /// process). Methods mirror the agent's; registration is safe here because the suite only
-/// registers [`TestBuffer`](crate::TestBuffer) memory (see the crate documentation).
+/// registers [`TestBuffer`](crate::TestBuffer) memory and storage ([`TestFile`](crate::TestFile)),
+/// which carries no memory obligation (see the crate documentation).
 pub trait TargetAgent: Send + Sync {
     /// The agent's name.
     fn name(&self) -> &str;
@@ -225,6 +226,9 @@ impl<H: Harness> Harness for CrossProcess<H> {
     }
     fn capabilities(&self) -> rixl::Capabilities {
         self.inner.capabilities()
+    }
+    fn target_mem(&self) -> Option<MemType> {
+        self.inner.target_mem()
     }
     fn timeout(&self) -> Duration {
         self.inner.timeout()

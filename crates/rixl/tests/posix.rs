@@ -1,6 +1,8 @@
 //! The `POSIX` backend through `rixl::Agent`: DRAM ↔ FILE/BLK transfers targeting the agent
 //! itself, on both engines (io_uring and the thread pool), with the errors a storage user meets
-//! (end of file, read-only files, O_DIRECT alignment, a full disk).
+//! (end of file, read-only files, O_DIRECT alignment, a full disk). The shared conformance
+//! suite runs on POSIX too, with FILE and BLK target memory (the `conformance*` modules at the
+//! end); the tests here cover what is POSIX's own.
 //!
 //! Every DRAM registration below follows `Agent::register_mem`'s contract: the buffers outlive
 //! their agent (they are declared first, so they are dropped last) and are only read or written
@@ -968,41 +970,36 @@ fn plugin_and_backend_params() {
     assert_eq!(e.kind(), ErrorKind::InvalidParam, "{e}");
 }
 
-/// The cases of the shared conformance suite (`rixl-testkit`) that fit a local-only storage
-/// backend. The suite moves DRAM to DRAM (self-target copies, two-agent transfers) in every
-/// data, prepared-list, telemetry, staleness and lifecycle case, and even in the "agent still
-/// works" check at the end of its registration and error cases; POSIX moves DRAM to and from
-/// files only, so those cases do not apply (the same behaviours are covered for FILE targets by
-/// the tests above; `notif_unsupported_errors` by `notifications_and_dram_copies_are_not_posix_business`).
+/// The whole shared conformance suite (`rixl-testkit`) on POSIX. The suite reads POSIX's
+/// capabilities: its initiator moves DRAM, and its target memory is the first memory type POSIX
+/// moves DRAM to, FILE (a temporary file registered by path, descriptors addressing file
+/// offsets). Every case that applies to a local-only storage backend runs against its own agent
+/// (self-target); the cases that need two agents or notifications print why they are skipped.
 mod conformance {
-    fn harness() -> rixl_testkit::BackendHarness {
-        rixl_testkit::BackendHarness::new("POSIX")
-    }
+    rixl_testkit::conformance_tests!(rixl_testkit::BackendHarness::new("POSIX"));
+}
 
-    #[test]
-    fn capabilities_match_harness() {
-        rixl_testkit::cases::capabilities_match_harness(&harness());
-    }
+/// The suite again on the thread-pool engine (the default `auto` runs small buffered posts in
+/// the posting thread and larger ones on the pool, or O_DIRECT files on io_uring).
+mod conformance_threads {
+    rixl_testkit::conformance_tests!(
+        rixl_testkit::BackendHarness::new("POSIX").param("engine", "threads")
+    );
+}
 
-    #[test]
-    fn metadata_without_remote_backend() {
-        rixl_testkit::cases::metadata_without_remote_backend(&harness());
-    }
+/// The suite again with every post on io_uring (under `auto`, buffered files never use it).
+mod conformance_uring {
+    rixl_testkit::conformance_tests!(
+        rixl_testkit::BackendHarness::new("POSIX").param("engine", "io_uring")
+    );
+}
 
-    #[test]
-    fn query_mem() {
-        rixl_testkit::cases::query_mem(&harness());
-    }
-
-    #[test]
-    fn make_connection() {
-        rixl_testkit::cases::make_connection(&harness());
-    }
-
-    #[test]
-    fn strided_list_errors() {
-        rixl_testkit::cases::strided_list_errors(&harness());
-    }
+/// The suite with BLK target memory: POSIX's other pair (DRAM ↔ BLK), a regular file standing
+/// in for a block device as in `regular_file_standing_in_for_a_block_device`.
+mod conformance_blk {
+    rixl_testkit::conformance_tests!(
+        rixl_testkit::BackendHarness::new("POSIX").target_mem(rixl::MemType::Blk)
+    );
 }
 
 #[test]

@@ -104,19 +104,23 @@ pub fn create_backend_errors(h: &dyn Harness) {
 pub fn prep_errors(h: &dyn Harness) {
     for mode in modes_or_skip(h, "prep_errors") {
         let lbuf = TestBuffer::new(16 * 1024);
-        let tbuf = TestBuffer::new(16 * 1024);
-        let never = TestBuffer::new(4096);
+        let tbuf = tmem(h, 16 * 1024);
+        let never_local = TestBuffer::new(4096);
+        let never_target = tmem(h, 4096);
         let p = Pair::new(h, mode);
-        let halves = |b: &TestBuffer| reg_pieces(&[(b, 0, 8192), (b, 8192, 8192)]);
+        let halves = |b: &dyn TestMem| reg_pieces(&[(b, 0, 8192), (b, 8192, 8192)]);
         try_reg(&p.a, &halves(&lbuf)).expect("local registrations");
         try_reg(p.target(), &halves(&tbuf)).expect("target registrations");
         p.publish();
         let target = p.target_name();
-        for (side, agent_name, buf) in [
-            ("local", INIT_AGENT, &lbuf),
-            ("target", target.as_str(), &tbuf),
-        ] {
-            let prep = |descs| p.a.prep_xfer_dlist(agent_name, &xlist(descs), &[]);
+        let sides: [(&str, &str, &dyn TestMem, &dyn TestMem); 2] = [
+            ("local", INIT_AGENT, &lbuf, &never_local),
+            ("target", target.as_str(), &tbuf, &never_target),
+        ];
+        for (side, agent_name, buf, never) in sides {
+            let prep = |descs| {
+                p.a.prep_xfer_dlist(agent_name, &xlist_of(buf.mem(), descs), &[])
+            };
             let what = |w: &str| format!("{mode}: {side} prep of {w}");
             expect_err(prep(vec![]), ErrorKind::NotFound, &what("an empty list"));
             expect_err(
@@ -135,7 +139,7 @@ pub fn prep_errors(h: &dyn Harness) {
                 &what("a descriptor spanning two adjacent registrations"),
             );
             expect_err(
-                prep(vec![Desc::new(buf.addr() + 12288, 8192, 0)]),
+                prep(vec![buf.desc_unchecked(12288, 8192)]),
                 ErrorKind::NotFound,
                 &what("a descriptor running past its registration"),
             );
@@ -150,7 +154,11 @@ pub fn prep_errors(h: &dyn Harness) {
                 &what("a zero-length descriptor"),
             );
             expect_err(
-                p.a.prep_xfer_dlist(agent_name, &xlist(vec![buf.desc(0, 4096)]), &["NO_SUCH"]),
+                p.a.prep_xfer_dlist(
+                    agent_name,
+                    &xlist_of(buf.mem(), vec![buf.desc(0, 4096)]),
+                    &["NO_SUCH"],
+                ),
                 ErrorKind::NotFound,
                 &what("a list for a backend not created"),
             );
@@ -167,7 +175,7 @@ pub fn prep_errors(h: &dyn Harness) {
                 .expect("\"NIXL_INIT_AGENT\" names the local side");
         assert_eq!(named.agent(), None);
         expect_err(
-            p.a.prep_xfer_dlist("no-such-agent", &xlist(vec![tbuf.desc(0, 4096)]), &[]),
+            p.a.prep_xfer_dlist("no-such-agent", &p.tlist(vec![tbuf.desc(0, 4096)]), &[]),
             ErrorKind::NotFound,
             "prep for an unknown agent",
         );
@@ -187,7 +195,7 @@ pub fn prep_errors(h: &dyn Harness) {
 pub fn make_xfer_req_errors(h: &dyn Harness) {
     for mode in modes_or_skip(h, "make_xfer_req_errors") {
         let src = TestBuffer::with_pattern(8192, 51);
-        let dst = TestBuffer::new(8192);
+        let dst = tmem(h, 8192);
         let other_buf = TestBuffer::new(4096);
         let p = Pair::setup(h, mode, &[&src], &[&dst]);
         let other = agent(h, "make-other");
@@ -246,8 +254,9 @@ pub fn make_xfer_req_errors(h: &dyn Harness) {
 pub fn create_xfer_req_errors(h: &dyn Harness) {
     for mode in modes_or_skip(h, "create_xfer_req_errors") {
         let src = TestBuffer::with_pattern(16 * 1024, 52);
-        let dst = TestBuffer::new(16 * 1024);
+        let dst = tmem(h, 16 * 1024);
         let never = TestBuffer::new(4096);
+        let never_target = tmem(h, 4096);
         let p = Pair::new(h, mode);
         reg(&p.a, &[&src]);
         try_reg(
@@ -259,7 +268,7 @@ pub fn create_xfer_req_errors(h: &dyn Harness) {
         let target = p.target_name();
         let d = XferOptions::default();
         let create = |l: Vec<Desc>, r: Vec<Desc>, to: &str, o: &XferOptions| {
-            p.a.create_xfer_req(XferOp::Write, &xlist(l), &xlist(r), to, o)
+            p.try_create(XferOp::Write, l, r, to, o)
         };
         let (s0, t0) = (src.desc(0, 4096), dst.desc(0, 4096));
         let invalid = [
@@ -290,7 +299,7 @@ pub fn create_xfer_req_errors(h: &dyn Harness) {
             (
                 "an uncovered remote descriptor",
                 vec![s0],
-                vec![never.whole()],
+                vec![never_target.whole()],
             ),
             (
                 "a local descriptor on another device",
@@ -340,7 +349,7 @@ pub fn create_xfer_req_errors(h: &dyn Harness) {
 pub fn status_before_post_not_posted(h: &dyn Harness) {
     for mode in modes_or_skip(h, "status_before_post_not_posted") {
         let src = TestBuffer::with_pattern(4096, 53);
-        let dst = TestBuffer::new(4096);
+        let dst = tmem(h, 4096);
         let p = Pair::setup(h, mode, &[&src], &[&dst]);
         let req = p.create(
             XferOp::Write,

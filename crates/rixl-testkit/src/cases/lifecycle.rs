@@ -12,7 +12,7 @@ use crate::{block_on, pattern, Rng};
 pub fn cancel_completed_is_noop(h: &dyn Harness) {
     for mode in modes_or_skip(h, "cancel_completed_is_noop") {
         let src = TestBuffer::with_pattern(4096, 81);
-        let dst = TestBuffer::new(4096);
+        let dst = tmem(h, 4096);
         let p = Pair::setup(h, mode, &[&src], &[&dst]);
         let req = p.create(
             XferOp::Write,
@@ -39,7 +39,7 @@ pub fn cancel_completed_is_noop(h: &dyn Harness) {
 pub fn request_outlives_agent(h: &dyn Harness) {
     for mode in modes_or_skip(h, "request_outlives_agent") {
         let mut src = TestBuffer::with_pattern(4096, 82);
-        let dst = TestBuffer::new(4096);
+        let dst = tmem(h, 4096);
         let p = Pair::setup(h, mode, &[&src], &[&dst]);
         let req = p.create(
             XferOp::Write,
@@ -76,10 +76,10 @@ pub fn request_outlives_agent(h: &dyn Harness) {
 /// stale (`NotFound`), nothing is written, and the initiator keeps working.
 fn peer_death(h: &dyn Harness, lingering: bool) {
     let mut src = TestBuffer::with_pattern(8192, 84);
-    let dst = TestBuffer::new(8192);
+    let dst = tmem(h, 8192);
     let own = TestBuffer::new(8192);
     let p = Pair::setup(h, Mode::TwoAgents, &[&src], &[&dst]);
-    let Pair { a, b } = p;
+    let Pair { a, b, tmem } = p;
     let b = b.expect("two agents");
     let bn = b.name().to_owned();
     let d = XferOptions::default();
@@ -87,7 +87,7 @@ fn peer_death(h: &dyn Harness, lingering: bool) {
         .prep_xfer_dlist(rixl::INIT_AGENT, &xlist(pages(&src, 4096, 0..2)), &[])
         .expect("prep local");
     let rp = a
-        .prep_xfer_dlist(&bn, &xlist(pages(&dst, 4096, 0..2)), &[])
+        .prep_xfer_dlist(&bn, &xlist_of(tmem, pages(&dst, 4096, 0..2)), &[])
         .expect("prep remote");
     let req = a
         .make_xfer_req(XferOp::Write, &lp, &[0, 1], &rp, &[0, 1], &d)
@@ -106,7 +106,7 @@ fn peer_death(h: &dyn Harness, lingering: bool) {
             // A process's handles die with it; its registration is what lingers.
             None => skip(
                 h,
-                "peer_death_with_lingering_handles",
+                "peer_death_with_lingering_handles (the dead agent's own handles)",
                 "handles of a target in another process cannot outlive it",
             ),
         }
@@ -141,7 +141,7 @@ fn peer_death(h: &dyn Harness, lingering: bool) {
         "make from a list prepared for the dead peer",
     );
     expect_err(
-        a.prep_xfer_dlist(&bn, &xlist(vec![dst.whole()]), &[]),
+        a.prep_xfer_dlist(&bn, &xlist_of(tmem, vec![dst.whole()]), &[]),
         ErrorKind::NotFound,
         "prep for the dead peer",
     );
@@ -160,6 +160,9 @@ pub fn peer_death_remote_disconnect(h: &dyn Harness) {
     if !h.remote() {
         return skip(h, "peer_death_remote_disconnect", "not remote-capable");
     }
+    if no_target(h, "peer_death_remote_disconnect") {
+        return;
+    }
     peer_death(h, false);
 }
 
@@ -168,6 +171,9 @@ pub fn peer_death_remote_disconnect(h: &dyn Harness) {
 pub fn peer_death_with_lingering_handles(h: &dyn Harness) {
     if !h.remote() {
         return skip(h, "peer_death_with_lingering_handles", "not remote-capable");
+    }
+    if no_target(h, "peer_death_with_lingering_handles") {
+        return;
     }
     peer_death(h, true);
 }
@@ -180,19 +186,22 @@ pub fn peer_death_mid_transfer(h: &dyn Harness) {
     if !h.remote() {
         return skip(h, "peer_death_mid_transfer", "not remote-capable");
     }
+    if no_target(h, "peer_death_mid_transfer") {
+        return;
+    }
     const LEN: usize = 64 << 20;
     let src = TestBuffer::with_pattern(LEN, 88);
-    let dst = TestBuffer::new(LEN);
+    let dst = tmem(h, LEN);
     for op in [XferOp::Write, XferOp::Read] {
         let p = Pair::setup(h, Mode::TwoAgents, &[&src], &[&dst]);
-        let Pair { a, b } = p;
+        let Pair { a, b, tmem } = p;
         let b = b.expect("two agents");
         let bn = b.name().to_owned();
         let req = a
             .create_xfer_req(
                 op,
                 &xlist(vec![src.whole()]),
-                &xlist(vec![dst.whole()]),
+                &xlist_of(tmem, vec![dst.whole()]),
                 &bn,
                 &XferOptions::default(),
             )
@@ -316,11 +325,14 @@ pub fn many_threads_self(h: &dyn Harness) {
     if !h.local() {
         return skip(h, "many_threads_self", "not local-capable");
     }
-    let bufs: Vec<(TestBuffer, TestBuffer)> = (0..THREADS)
+    if no_target(h, "many_threads_self") {
+        return;
+    }
+    let bufs: Vec<(TestBuffer, TargetMem)> = (0..THREADS)
         .map(|t| {
             (
                 TestBuffer::with_pattern(PAGES * 4096, t as u64),
-                TestBuffer::new(PAGES * 4096),
+                tmem(h, PAGES * 4096),
             )
         })
         .collect();
@@ -334,7 +346,7 @@ pub fn many_threads_self(h: &dyn Harness) {
                     .prep_xfer_dlist(rixl::INIT_AGENT, &xlist(pages(src, 4096, 0..PAGES)), &[])
                     .expect("prep local");
                 let rp = a
-                    .prep_xfer_dlist(a.name(), &xlist(pages(dst, 4096, 0..PAGES)), &[])
+                    .prep_xfer_dlist(a.name(), &tlist(h, pages(dst, 4096, 0..PAGES)), &[])
                     .expect("prep self-target");
                 let idx: Vec<usize> = (0..PAGES).collect();
                 for it in 0..ITERS {
@@ -343,7 +355,7 @@ pub fn many_threads_self(h: &dyn Harness) {
                         a.create_xfer_req(
                             XferOp::Write,
                             &xlist(pages(src, 4096, 0..PAGES)),
-                            &xlist(pages(dst, 4096, perm.iter().copied())),
+                            &tlist(h, pages(dst, 4096, perm.iter().copied())),
                             a.name(),
                             &XferOptions::default(),
                         )
@@ -361,7 +373,7 @@ pub fn many_threads_self(h: &dyn Harness) {
                     };
                     run_ok(h, &req, &format!("thread {t}, iteration {it}"));
                     assert_bytes_eq(
-                        dst.as_slice(),
+                        &dst.contents(),
                         &permuted(t as u64, &perm),
                         &format!("thread {t}, iteration {it}"),
                     );
@@ -381,11 +393,14 @@ pub fn many_threads_remote(h: &dyn Harness) {
     if !h.remote() {
         return skip(h, "many_threads_remote", "not remote-capable");
     }
-    let bufs: Vec<(TestBuffer, TestBuffer)> = (0..THREADS)
+    if no_target(h, "many_threads_remote") {
+        return;
+    }
+    let bufs: Vec<(TestBuffer, TargetMem)> = (0..THREADS)
         .map(|t| {
             (
                 TestBuffer::with_pattern(PAGES * 4096, 100 + t as u64),
-                TestBuffer::new(PAGES * 4096),
+                tmem(h, PAGES * 4096),
             )
         })
         .collect();
@@ -420,14 +435,14 @@ pub fn many_threads_remote(h: &dyn Harness) {
                         .create_xfer_req(
                             XferOp::Write,
                             &xlist(pages(src, 4096, 0..PAGES)),
-                            &xlist(pages(dst, 4096, perm.iter().copied())),
+                            &tlist(h, pages(dst, 4096, perm.iter().copied())),
                             b.name(),
                             &opts,
                         )
                         .expect("create");
                     run_ok(h, &req, &format!("thread {t}, iteration {it}"));
                     assert_bytes_eq(
-                        dst.as_slice(),
+                        &dst.contents(),
                         &permuted(100 + t as u64, &perm),
                         &format!("thread {t}, iteration {it}"),
                     );
@@ -461,7 +476,7 @@ pub fn many_threads_remote(h: &dyn Harness) {
 pub fn async_completion(h: &dyn Harness) {
     for mode in modes_or_skip(h, "async_completion") {
         let mut src = TestBuffer::with_pattern(64 * 1024, 86);
-        let dst = TestBuffer::new(64 * 1024);
+        let dst = tmem(h, 64 * 1024);
         let p = Pair::setup(h, mode, &[&src], &[&dst]);
         let req = p.create(
             XferOp::Write,
@@ -504,7 +519,7 @@ pub fn async_completion(h: &dyn Harness) {
 pub fn estimate_cost(h: &dyn Harness) {
     for mode in modes_or_skip(h, "estimate_cost") {
         let src = TestBuffer::new(1 << 20);
-        let dst = TestBuffer::new(1 << 20);
+        let dst = tmem(h, 1 << 20);
         let p = Pair::setup(h, mode, &[&src], &[&dst]);
         let small = p.create(
             XferOp::Write,
@@ -537,27 +552,31 @@ pub fn estimate_cost(h: &dyn Harness) {
     }
 }
 
-/// `query_mem` is `NotSupported` on backends without it, `NotFound` for a backend not created.
+/// `query_mem` is `NotSupported` on backends without it, `NotFound` for a backend not created;
+/// a backend with it answers one entry per descriptor. DRAM, and the target memory type when it
+/// is another one.
 pub fn query_mem(h: &dyn Harness) {
-    let buf = TestBuffer::new(4096);
-    let a = agent(h, "query");
-    reg(&a, &[&buf]);
-    expect_err(
-        a.query_mem(&buf.reg_list(), "NO_SUCH_BACKEND"),
-        ErrorKind::NotFound,
-        "query_mem of a backend not created",
-    );
-    if h.query_mem() {
-        let r = a
-            .query_mem(&buf.reg_list(), h.backend())
-            .expect("query_mem");
-        assert_eq!(r.len(), 1, "one entry per descriptor");
-    } else {
+    for mem in reg_mems(h) {
+        let buf = TargetMem::of(mem, 4096);
+        let a = agent(h, "query");
+        reg(&a, &[&buf]);
         expect_err(
-            a.query_mem(&buf.reg_list(), h.backend()),
-            ErrorKind::NotSupported,
-            "query_mem",
+            a.query_mem(&buf.reg_list(), "NO_SUCH_BACKEND"),
+            ErrorKind::NotFound,
+            &format!("{mem}: query_mem of a backend not created"),
         );
+        if h.query_mem() {
+            let r = a
+                .query_mem(&buf.reg_list(), h.backend())
+                .unwrap_or_else(|e| panic!("{mem}: query_mem: {e}"));
+            assert_eq!(r.len(), 1, "{mem}: one entry per descriptor");
+        } else {
+            expect_err(
+                a.query_mem(&buf.reg_list(), h.backend()),
+                ErrorKind::NotSupported,
+                &format!("{mem}: query_mem"),
+            );
+        }
     }
 }
 
@@ -576,7 +595,7 @@ pub fn make_connection(h: &dyn Harness) {
         "own name",
     );
     if !h.remote() {
-        return skip(h, "make_connection", "not remote-capable (peer part)");
+        return skip(h, "make_connection (peer part)", "not remote-capable");
     }
     let b = target(h, "conn-b");
     a.load_remote_metadata(&b.local_metadata().expect("metadata"))

@@ -9,8 +9,9 @@ use crate::{pattern, Rng};
 fn needs_remote(h: &dyn Harness, case: &str) -> bool {
     if !h.remote() {
         skip(h, case, "not remote-capable");
+        return false;
     }
-    h.remote()
+    !no_target(h, case)
 }
 
 /// Writes `src` to `dst` at `target` through a fresh request and verifies it.
@@ -20,14 +21,14 @@ fn write_verify(
     a: &Agent,
     target: &str,
     src: &TestBuffer,
-    dst: &TestBuffer,
+    dst: &TargetMem,
     seed: u64,
 ) {
     let req = a
         .create_xfer_req(
             XferOp::Write,
             &xlist(vec![src.whole()]),
-            &xlist(vec![dst.whole()]),
+            &xlist_of(dst.mem(), vec![dst.whole()]),
             target,
             &XferOptions::default(),
         )
@@ -39,13 +40,17 @@ fn write_verify(
 /// Loading your own metadata is `InvalidParam`; an agent never has an entry for itself.
 pub fn load_own_metadata_invalid_param(h: &dyn Harness) {
     let a = agent(h, "own");
-    if !needs_remote(h, "load_own_metadata_invalid_param") {
+    if !h.remote() {
         expect_err(
             a.local_metadata(),
             ErrorKind::InvalidParam,
             "local_metadata without a remote-capable backend",
         );
-        return;
+        return skip(
+            h,
+            "load_own_metadata_invalid_param (loading own blobs)",
+            "not remote-capable: there is no blob to load",
+        );
     }
     let blob = a.local_metadata().expect("local_metadata");
     expect_err(
@@ -72,7 +77,7 @@ pub fn garbage_metadata_mismatch(h: &dyn Harness) {
         return;
     }
     let src = TestBuffer::with_pattern(4096, 61);
-    let dst = TestBuffer::new(4096);
+    let dst = tmem(h, 4096);
     let a = agent(h, "garbage-a");
     let b = target(h, "garbage-b");
     reg(&a, &[&src]);
@@ -122,8 +127,8 @@ pub fn mutated_metadata_never_panics(h: &dyn Harness) {
         return;
     }
     let src = TestBuffer::with_pattern(4096, 62);
-    let dst = TestBuffer::new(4096);
-    let dst2 = TestBuffer::new(8192);
+    let dst = tmem(h, 4096);
+    let dst2 = tmem(h, 8192);
     let a = agent(h, "mutate-a");
     let b = target(h, "mutate-b");
     reg(&a, &[&src]);
@@ -183,7 +188,7 @@ pub fn identical_reload_idempotent(h: &dyn Harness) {
         return;
     }
     let src = TestBuffer::with_pattern(8192, 63);
-    let dst = TestBuffer::new(8192);
+    let dst = tmem(h, 8192);
     let p = Pair::setup(h, Mode::TwoAgents, &[&src], &[&dst]);
     let b = p.target();
     let g = p.a.remote_generation(b.name()).expect("generation");
@@ -268,17 +273,17 @@ pub fn partial_metadata_flow(h: &dyn Harness) {
         return;
     }
     let src = TestBuffer::with_pattern(3 * 4096, 64);
-    let t1 = TestBuffer::new(4096);
-    let t2 = TestBuffer::new(4096);
-    let t3 = TestBuffer::new(4096);
+    let t1 = tmem(h, 4096);
+    let t2 = tmem(h, 4096);
+    let t3 = tmem(h, 4096);
     let a = agent(h, "partial-a");
     let b = target(h, "partial-b");
     reg(&a, &[&src]);
     reg(&b, &[&t1, &t2, &t3]);
     let bn = b.name();
-    let l1 = xlist(vec![t1.whole()]);
-    let l2 = xlist(vec![t2.whole()]);
-    let l12 = xlist(vec![t1.whole(), t2.whole()]);
+    let l1 = tlist(h, vec![t1.whole()]);
+    let l2 = tlist(h, vec![t2.whole()]);
+    let l12 = tlist(h, vec![t1.whole(), t2.whole()]);
     let agree = |l: &XferDescList, want: bool, what: &str| {
         assert_eq!(
             a.check_remote_metadata(bn, Some(l)),
@@ -351,7 +356,7 @@ pub fn partial_metadata_flow(h: &dyn Harness) {
     t1.assert_range(0, &pattern(64, 0, 4096), "t1");
     let rp1 = a.prep_xfer_dlist(bn, &l1, &[]).expect("prep t1 again");
     let rp23 = a
-        .prep_xfer_dlist(bn, &xlist(vec![t2.whole(), t3.whole()]), &[])
+        .prep_xfer_dlist(bn, &tlist(h, vec![t2.whole(), t3.whole()]), &[])
         .expect("prep t2, t3");
     let req = a
         .make_xfer_req(
@@ -375,7 +380,7 @@ pub fn partial_descs_before_conn_not_found(h: &dyn Harness) {
     if !needs_remote(h, "partial_descs_before_conn_not_found") {
         return;
     }
-    let t = TestBuffer::new(4096);
+    let t = tmem(h, 4096);
     let b = target(h, "noconn-b");
     let c = agent(h, "noconn-c");
     reg(&b, &[&t]);
@@ -398,14 +403,14 @@ pub fn partial_descs_before_conn_not_found(h: &dyn Harness) {
     c.load_remote_metadata(&conn).expect("conn-only");
     c.load_remote_metadata(&regions)
         .expect("regions after connection info");
-    assert!(c.check_remote_metadata(b.name(), Some(&xlist(vec![t.whole()]))));
+    assert!(c.check_remote_metadata(b.name(), Some(&tlist(h, vec![t.whole()]))));
     let with_conn = b
         .local_partial_metadata(&t.reg_list(), true, &[])
         .expect("partial with connection info");
     let d = agent(h, "noconn-d");
     d.load_remote_metadata(&with_conn)
         .expect("a partial blob with connection info loads into a fresh agent");
-    assert!(d.check_remote_metadata(b.name(), Some(&xlist(vec![t.whole()]))));
+    assert!(d.check_remote_metadata(b.name(), Some(&tlist(h, vec![t.whole()]))));
 }
 
 /// `local_partial_metadata` needs exact registrations: a sub-range, an unregistered range or a
@@ -414,8 +419,8 @@ pub fn partial_sub_range_not_found(h: &dyn Harness) {
     if !needs_remote(h, "partial_sub_range_not_found") {
         return;
     }
-    let t = TestBuffer::new(8192);
-    let never = TestBuffer::new(4096);
+    let t = tmem(h, 8192);
+    let never = tmem(h, 4096);
     let b = target(h, "subrange");
     reg(&b, &[&t]);
     let sub = reg_pieces(&[(&t, 0, 4096)]);
@@ -447,18 +452,18 @@ pub fn check_remote_metadata_never_fails(h: &dyn Harness) {
     if !needs_remote(h, "check_remote_metadata_never_fails") {
         return;
     }
-    let t = TestBuffer::new(16 * 1024);
-    let never = TestBuffer::new(4096);
+    let t = tmem(h, 16 * 1024);
+    let never = tmem(h, 4096);
     let a = agent(h, "check-a");
     let b = target(h, "check-b");
     try_reg(&b, &reg_pieces(&[(&t, 0, 8192), (&t, 8192, 8192)])).expect("registrations");
     assert!(!a.check_remote_metadata("no-such-agent", None));
     assert!(!a.check_remote_metadata(a.name(), None));
-    assert!(!a.check_remote_metadata(b.name(), Some(&xlist(vec![t.desc(0, 64)]))));
+    assert!(!a.check_remote_metadata(b.name(), Some(&tlist(h, vec![t.desc(0, 64)]))));
     a.load_remote_metadata(&b.local_metadata().expect("metadata"))
         .expect("load");
     assert!(a.check_remote_metadata(b.name(), None));
-    assert!(a.check_remote_metadata(b.name(), Some(&XferDescList::new(MemType::Dram))));
+    assert!(a.check_remote_metadata(b.name(), Some(&XferDescList::new(t.mem()))));
     let probes: Vec<(&str, Vec<Desc>, bool)> = vec![
         ("covered", vec![t.desc(0, 8192), t.desc(8192, 100)], true),
         ("uncovered", vec![never.whole()], false),
@@ -468,7 +473,7 @@ pub fn check_remote_metadata_never_fails(h: &dyn Harness) {
         ("partly covered", vec![t.desc(0, 64), never.whole()], false),
     ];
     for (what, descs, want) in probes {
-        let l = xlist(descs);
+        let l = tlist(h, descs);
         assert_eq!(a.check_remote_metadata(b.name(), Some(&l)), want, "{what}");
         assert_eq!(
             a.prep_xfer_dlist(b.name(), &l, &[]).is_ok(),

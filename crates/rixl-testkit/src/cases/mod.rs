@@ -4,8 +4,9 @@
 //!
 //! Most cases run once per available *mode*: the initiator targeting itself (when the backend is
 //! local-capable) and the initiator targeting a second agent in this process (when it is
-//! remote-capable). A case whose requirements the harness does not declare prints a line saying
-//! so and returns.
+//! remote-capable). The initiator's memory is DRAM ([`TestBuffer`]); the target's is the
+//! harness's target memory type ([`TargetMem`], see [`target_mem`](crate::target_mem)). A case
+//! whose requirements the harness does not declare prints a line saying so and returns.
 
 mod errors;
 mod lifecycle;
@@ -29,11 +30,11 @@ use std::fmt;
 use std::time::Instant;
 
 use rixl::{
-    Agent, AgentConfig, Desc, Error, ErrorKind, MemType, Notification, RegDesc, RegDescList,
-    Result, XferDescList, XferOp, XferOptions, XferRequest, XferStatus,
+    Agent, AgentConfig, Desc, Error, ErrorKind, MemType, Notification, RegDescList, Result,
+    XferDescList, XferOp, XferOptions, XferRequest, XferStatus,
 };
 
-use crate::{assert_bytes_eq, unique_name, Harness, TargetAgent, TestBuffer};
+use crate::{assert_bytes_eq, unique_name, Harness, TargetAgent, TargetMem, TestBuffer, TestMem};
 
 /// Where the initiator's requests go.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,13 +74,58 @@ pub(crate) fn skip(h: &dyn Harness, case: &str, why: &str) {
     );
 }
 
-/// Modes, or a skip message when there is none.
+/// True (after printing why) when the harness has no target memory type, so that a case
+/// that moves data cannot run.
+pub(crate) fn no_target(h: &dyn Harness, case: &str) -> bool {
+    if h.target_mem().is_some() {
+        return false;
+    }
+    let moves: Vec<String> = h
+        .capabilities()
+        .moves
+        .iter()
+        .map(|(l, t)| format!("{l}->{t}"))
+        .collect();
+    skip(
+        h,
+        case,
+        &format!(
+            "the backend moves DRAM to no memory type the suite can make ({:?}); it moves [{}]",
+            crate::target_mem::SUPPORTED_TARGETS,
+            moves.join(", ")
+        ),
+    );
+    true
+}
+
+/// Modes, or a skip message when there is none (or no target memory to move data to).
 pub(crate) fn modes_or_skip(h: &dyn Harness, case: &str) -> Vec<Mode> {
     let m = modes(h);
     if m.is_empty() {
         skip(h, case, "the backend is neither local- nor remote-capable");
+        return m;
+    }
+    if no_target(h, case) {
+        return Vec::new();
     }
     m
+}
+
+/// The memory types whose registrations the registration cases check: DRAM (what every
+/// initiator registers), and the target memory type when it is another one.
+pub(crate) fn reg_mems(h: &dyn Harness) -> Vec<MemType> {
+    let mut v = vec![MemType::Dram];
+    if let Some(t) = h.target_mem() {
+        if t != MemType::Dram {
+            v.push(t);
+        }
+    }
+    v
+}
+
+/// `len` zeroed bytes of target memory for the harness.
+pub(crate) fn tmem(h: &dyn Harness, len: usize) -> TargetMem {
+    TargetMem::new(h, len)
 }
 
 /// A new agent with the backend under test, telemetry on, and a unique name.
@@ -100,12 +146,13 @@ pub(crate) fn bare_agent(prefix: &str) -> Agent {
 
 /// Registers `list` with the named backends (all if empty).
 pub(crate) fn try_reg_with(agent: &Agent, list: &RegDescList, backends: &[&str]) -> Result<()> {
-    // SAFETY: the suite's convention (see the crate documentation): every range a case
+    // SAFETY: the suite's convention (see the crate documentation): every DRAM range a case
     // registers lies in a TestBuffer created before the agent, so the buffer outlives the
     // registration (dropping the agent deregisters it), or the case deregisters it before the
     // buffer goes; buffer contents are only accessed while no transfer is in flight. Ranges
     // that are not in a TestBuffer (null, wrapping, zero-length) are registered only to check
-    // that they are refused, and are never used in a transfer.
+    // that they are refused, and are never used in a transfer. Storage registrations (a
+    // TestFile's path) carry no memory obligation.
     unsafe { agent.register_mem(list, backends) }
 }
 
@@ -114,35 +161,71 @@ pub(crate) fn try_reg(agent: &dyn TargetAgent, list: &RegDescList) -> Result<()>
     agent.register(list, &[])
 }
 
-/// A DRAM registration list of whole buffers.
-pub(crate) fn reg_list(bufs: &[&TestBuffer]) -> RegDescList {
-    RegDescList::from_descs(MemType::Dram, bufs.iter().map(|b| b.reg_desc()).collect())
+/// A registration list of whole buffers, all of one memory type.
+pub(crate) fn reg_list(bufs: &[&dyn TestMem]) -> RegDescList {
+    let mem = bufs.first().map_or(MemType::Dram, |b| b.mem());
+    assert!(
+        bufs.iter().all(|b| b.mem() == mem),
+        "a registration list holds one memory type"
+    );
+    RegDescList::from_descs(mem, bufs.iter().map(|b| b.reg_desc()).collect())
 }
 
-/// A DRAM registration list of `(buffer, offset, len)` pieces.
-pub(crate) fn reg_pieces(pieces: &[(&TestBuffer, usize, usize)]) -> RegDescList {
+/// A registration list of `(memory, offset, len)` pieces, all of one memory type.
+pub(crate) fn reg_pieces(pieces: &[(&dyn TestMem, usize, usize)]) -> RegDescList {
+    let mem = pieces.first().map_or(MemType::Dram, |p| p.0.mem());
+    assert!(
+        pieces.iter().all(|p| p.0.mem() == mem),
+        "a registration list holds one memory type"
+    );
     RegDescList::from_descs(
-        MemType::Dram,
-        pieces
-            .iter()
-            .map(|(b, o, l)| RegDesc::new(b.addr() + *o as u64, *l as u64, 0))
-            .collect(),
+        mem,
+        pieces.iter().map(|(b, o, l)| b.reg_range(*o, *l)).collect(),
     )
 }
 
-/// Registers whole buffers; panics on failure.
+/// `bufs` as registration lists, one per memory type in order of first appearance (one list
+/// when all are of one type).
+fn lists_by_mem(bufs: &[&dyn TestMem]) -> Vec<RegDescList> {
+    let mut mems: Vec<MemType> = Vec::new();
+    for b in bufs {
+        if !mems.contains(&b.mem()) {
+            mems.push(b.mem());
+        }
+    }
+    mems.into_iter()
+        .map(|m| {
+            let of: Vec<&dyn TestMem> = bufs.iter().copied().filter(|b| b.mem() == m).collect();
+            reg_list(&of)
+        })
+        .collect()
+}
+
+/// Registers whole buffers (one call per memory type); panics on failure.
 #[track_caller]
-pub(crate) fn reg(agent: &dyn TargetAgent, bufs: &[&TestBuffer]) {
-    if let Err(e) = try_reg(agent, &reg_list(bufs)) {
-        panic!("registering {} buffer(s) failed: {e}", bufs.len());
+pub(crate) fn reg(agent: &dyn TargetAgent, bufs: &[&dyn TestMem]) {
+    for list in lists_by_mem(bufs) {
+        if let Err(e) = try_reg(agent, &list) {
+            panic!(
+                "registering {} {} buffer(s) failed: {e}",
+                list.len(),
+                list.mem()
+            );
+        }
     }
 }
 
-/// Deregisters whole buffers; panics on failure.
+/// Deregisters whole buffers (one call per memory type); panics on failure.
 #[track_caller]
-pub(crate) fn dereg(agent: &dyn TargetAgent, bufs: &[&TestBuffer]) {
-    if let Err(e) = agent.deregister(&reg_list(bufs), &[]) {
-        panic!("deregistering {} buffer(s) failed: {e}", bufs.len());
+pub(crate) fn dereg(agent: &dyn TargetAgent, bufs: &[&dyn TestMem]) {
+    for list in lists_by_mem(bufs) {
+        if let Err(e) = agent.deregister(&list, &[]) {
+            panic!(
+                "deregistering {} {} buffer(s) failed: {e}",
+                list.len(),
+                list.mem()
+            );
+        }
     }
 }
 
@@ -151,9 +234,23 @@ pub(crate) fn xlist(descs: Vec<Desc>) -> XferDescList {
     XferDescList::from_descs(MemType::Dram, descs)
 }
 
+/// A transfer list of memory type `mem`.
+pub(crate) fn xlist_of(mem: MemType, descs: Vec<Desc>) -> XferDescList {
+    XferDescList::from_descs(mem, descs)
+}
+
+/// A transfer list of the harness's target memory type.
+pub(crate) fn tlist(h: &dyn Harness, descs: Vec<Desc>) -> XferDescList {
+    xlist_of(
+        h.target_mem()
+            .expect("cases that move data check for a target memory type"),
+        descs,
+    )
+}
+
 /// `len`-byte pages of `buf` at the given page indices, in that order.
 pub(crate) fn pages(
-    buf: &TestBuffer,
+    buf: &dyn TestMem,
     page: usize,
     idx: impl IntoIterator<Item = usize>,
 ) -> Vec<Desc> {
@@ -293,10 +390,13 @@ pub(crate) fn summary(n: &[Notification]) -> Vec<(String, String)> {
 }
 
 /// An initiator `a` and, in two-agent mode, a target `b` that `a` has metadata for. `b` lives in
-/// a peer process when the harness is [`CrossProcess`](crate::CrossProcess).
+/// a peer process when the harness is [`CrossProcess`](crate::CrossProcess). Requests go from
+/// the initiator's DRAM to target memory of type `tmem`.
 pub(crate) struct Pair {
     pub a: Agent,
     pub b: Option<Box<dyn TargetAgent>>,
+    /// The target side's memory type ([`Harness::target_mem`]).
+    pub tmem: MemType,
 }
 
 impl Pair {
@@ -307,21 +407,24 @@ impl Pair {
 
     /// Agents for `mode` with telemetry on or off.
     pub fn with_telemetry(h: &dyn Harness, mode: Mode, telemetry: bool) -> Pair {
+        let tmem = h
+            .target_mem()
+            .expect("cases that move data check for a target memory type");
         let a = h.new_agent_with(&unique_name("init"), telemetry);
         let b = match mode {
             Mode::SelfTarget => None,
             Mode::TwoAgents => Some(h.new_target(&unique_name("target"), telemetry)),
         };
-        Pair { a, b }
+        Pair { a, b, tmem }
     }
 
     /// Agents for `mode` with `local` buffers registered on the initiator and `target`
-    /// buffers on the target, and the target's metadata loaded.
+    /// memory on the target, and the target's metadata loaded.
     pub fn setup(
         h: &dyn Harness,
         mode: Mode,
-        local: &[&TestBuffer],
-        target: &[&TestBuffer],
+        local: &[&dyn TestMem],
+        target: &[&dyn TestMem],
     ) -> Pair {
         let p = Pair::new(h, mode);
         if !local.is_empty() {
@@ -347,6 +450,11 @@ impl Pair {
         self.target().name().to_owned()
     }
 
+    /// A target-side transfer list.
+    pub fn tlist(&self, descs: Vec<Desc>) -> XferDescList {
+        xlist_of(self.tmem, descs)
+    }
+
     /// Loads the target's full metadata into the initiator (again: partial merges keep the
     /// generation). Nothing to do in self-target mode.
     pub fn publish(&self) {
@@ -364,7 +472,7 @@ impl Pair {
         }
     }
 
-    /// A request from two descriptor lists to the target.
+    /// A request from a local (DRAM) and a target descriptor list to the target.
     #[track_caller]
     pub fn create(
         &self,
@@ -373,9 +481,21 @@ impl Pair {
         remote: Vec<Desc>,
         opts: &XferOptions,
     ) -> XferRequest {
-        self.a
-            .create_xfer_req(op, &xlist(local), &xlist(remote), &self.target_name(), opts)
+        self.try_create(op, local, remote, &self.target_name(), opts)
             .unwrap_or_else(|e| panic!("create_xfer_req failed: {e}"))
+    }
+
+    /// `create_xfer_req` from a local (DRAM) and a target descriptor list to agent `to`.
+    pub fn try_create(
+        &self,
+        op: XferOp,
+        local: Vec<Desc>,
+        remote: Vec<Desc>,
+        to: &str,
+        opts: &XferOptions,
+    ) -> Result<XferRequest> {
+        self.a
+            .create_xfer_req(op, &xlist(local), &self.tlist(remote), to, opts)
     }
 
     /// Prepares a local-side list.
@@ -390,18 +510,22 @@ impl Pair {
     #[track_caller]
     pub fn prep_target(&self, descs: Vec<Desc>) -> rixl::PreparedList {
         self.a
-            .prep_xfer_dlist(&self.target_name(), &xlist(descs), &[])
+            .prep_xfer_dlist(&self.target_name(), &self.tlist(descs), &[])
             .unwrap_or_else(|e| panic!("prep_xfer_dlist (target) failed: {e}"))
     }
 }
 
-/// Checks that `agent` still moves data after an error: registers two fresh buffers, copies
-/// between them (to itself, or through a fresh peer when the backend is remote-only), verifies
-/// and deregisters.
+/// Checks that `agent` still moves data after an error: registers a fresh DRAM buffer and
+/// fresh target memory of the backend's own pair, copies between them (to itself, or through a
+/// fresh peer when the backend is remote-only), verifies and deregisters. Does nothing when the
+/// harness has no target memory type (the cases that move data say so).
 #[track_caller]
 pub(crate) fn smoke(h: &dyn Harness, agent: &Agent) {
+    let Some(tmem) = h.target_mem() else {
+        return;
+    };
     let src = TestBuffer::with_pattern(3 * 4096 + 5, 0x5EED);
-    let dst = TestBuffer::new(3 * 4096 + 5);
+    let dst = TargetMem::of(tmem, 3 * 4096 + 5);
     let len = src.len();
     if h.local() {
         reg(agent, &[&src, &dst]);
@@ -409,7 +533,7 @@ pub(crate) fn smoke(h: &dyn Harness, agent: &Agent) {
             .create_xfer_req(
                 XferOp::Write,
                 &xlist(vec![src.whole()]),
-                &xlist(vec![dst.whole()]),
+                &xlist_of(tmem, vec![dst.whole()]),
                 agent.name(),
                 &XferOptions::default(),
             )
@@ -430,7 +554,7 @@ pub(crate) fn smoke(h: &dyn Harness, agent: &Agent) {
             .create_xfer_req(
                 XferOp::Write,
                 &xlist(vec![src.whole()]),
-                &xlist(vec![dst.whole()]),
+                &xlist_of(tmem, vec![dst.whole()]),
                 peer.name(),
                 &XferOptions::default(),
             )

@@ -35,7 +35,7 @@ fn expect_msgs(h: &dyn Harness, target: &dyn TargetAgent, from: &str, msgs: &[&[
 pub fn notif_sticky_per_post(h: &dyn Harness) {
     for mode in needs_notif(h, "notif_sticky_per_post") {
         let src = TestBuffer::with_pattern(8192, 41);
-        let dst = TestBuffer::new(8192);
+        let dst = tmem(h, 8192);
         let p = Pair::setup(h, mode, &[&src], &[&dst]);
         let (t, me) = (p.target(), p.a.name().to_owned());
         let created = p.create(
@@ -95,7 +95,7 @@ pub fn notif_sticky_per_post(h: &dyn Harness) {
 pub fn notif_empty_and_cleared(h: &dyn Harness) {
     for mode in needs_notif(h, "notif_empty_and_cleared") {
         let src = TestBuffer::with_pattern(4096, 42);
-        let dst = TestBuffer::new(4096);
+        let dst = tmem(h, 4096);
         let p = Pair::setup(h, mode, &[&src], &[&dst]);
         let (t, me) = (p.target(), p.a.name().to_owned());
         let req = p.create(
@@ -134,7 +134,7 @@ pub fn notif_arrives_under_initiator_name(h: &dyn Harness) {
     for mode in needs_notif(h, "notif_arrives_under_initiator_name") {
         let src = TestBuffer::with_pattern(4096, 43);
         let src2 = TestBuffer::with_pattern(4096, 44);
-        let dst = TestBuffer::new(8192);
+        let dst = tmem(h, 8192);
         let p = Pair::setup(h, mode, &[&src], &[&dst]);
         let req = p.create(
             XferOp::Write,
@@ -159,7 +159,7 @@ pub fn notif_arrives_under_initiator_name(h: &dyn Harness) {
                 .create_xfer_req(
                     XferOp::Write,
                     &xlist(vec![src2.whole()]),
-                    &xlist(vec![dst.desc(4096, 4096)]),
+                    &p.tlist(vec![dst.desc(4096, 4096)]),
                     &p.target_name(),
                     &XferOptions::with_notif("from-c"),
                 )
@@ -186,7 +186,7 @@ pub fn notif_after_data_landed(h: &dyn Harness) {
     const LEN: usize = 1 << 20;
     for mode in needs_notif(h, "notif_after_data_landed") {
         let mut src = TestBuffer::with_pattern(LEN, 0);
-        let dst = TestBuffer::new(LEN);
+        let dst = tmem(h, LEN);
         let p = Pair::setup(h, mode, &[&src], &[&dst]);
         let req = p.create(
             XferOp::Write,
@@ -221,7 +221,7 @@ pub fn notif_after_data_landed(h: &dyn Harness) {
 pub fn notif_order_from_one_initiator(h: &dyn Harness) {
     for mode in needs_notif(h, "notif_order_from_one_initiator") {
         let src = TestBuffer::with_pattern(4 * 4096, 45);
-        let dst = TestBuffer::new(4 * 4096);
+        let dst = tmem(h, 4 * 4096);
         let p = Pair::setup(h, mode, &[&src], &[&dst]);
         let reqs: Vec<_> = (0..4)
             .map(|k| {
@@ -431,13 +431,13 @@ pub fn notif_unsupported_errors(h: &dyn Harness) {
     }
     for mode in modes_or_skip(h, "notif_unsupported_errors") {
         let src = TestBuffer::with_pattern(4096, 46);
-        let dst = TestBuffer::new(4096);
+        let dst = tmem(h, 4096);
         let p = Pair::setup(h, mode, &[&src], &[&dst]);
         expect_err(
-            p.a.create_xfer_req(
+            p.try_create(
                 XferOp::Write,
-                &xlist(vec![src.whole()]),
-                &xlist(vec![dst.whole()]),
+                vec![src.whole()],
+                vec![dst.whole()],
                 &p.target_name(),
                 &XferOptions::with_notif("n"),
             ),

@@ -12,7 +12,7 @@ const P: usize = 4096;
 pub fn make_merges_contiguous_indices(h: &dyn Harness) {
     for mode in modes_or_skip(h, "make_merges_contiguous_indices") {
         let src = TestBuffer::with_pattern(64 * P, 31);
-        let dst = TestBuffer::new(64 * P);
+        let dst = tmem(h, 64 * P);
         let p = Pair::setup(h, mode, &[&src], &[&dst]);
         let lp = p.prep_local(pages(&src, P, 0..64));
         let rp = p.prep_target(pages(&dst, P, 0..64));
@@ -45,7 +45,7 @@ pub fn make_merges_contiguous_indices(h: &dyn Harness) {
 pub fn make_merges_runs(h: &dyn Harness) {
     for mode in modes_or_skip(h, "make_merges_runs") {
         let src = TestBuffer::with_pattern(16 * P, 32);
-        let dst = TestBuffer::new(16 * P);
+        let dst = tmem(h, 16 * P);
         let p = Pair::setup(h, mode, &[&src], &[&dst]);
         let lp = p.prep_local(pages(&src, P, 0..16));
         let rp = p.prep_target(pages(&dst, P, 0..16));
@@ -63,7 +63,7 @@ pub fn make_merges_runs(h: &dyn Harness) {
         for (&l, &r) in li.iter().zip(&ri) {
             expected[r * P..(r + 1) * P].copy_from_slice(&src_bytes[l * P..(l + 1) * P]);
         }
-        assert_bytes_eq(dst.as_slice(), &expected, &format!("{mode}: runs data"));
+        assert_bytes_eq(&dst.contents(), &expected, &format!("{mode}: runs data"));
     }
 }
 
@@ -71,7 +71,7 @@ pub fn make_merges_runs(h: &dyn Harness) {
 pub fn skip_desc_merge_keeps_every_descriptor(h: &dyn Harness) {
     for mode in modes_or_skip(h, "skip_desc_merge_keeps_every_descriptor") {
         let src = TestBuffer::with_pattern(64 * P, 33);
-        let dst = TestBuffer::new(64 * P);
+        let dst = tmem(h, 64 * P);
         let p = Pair::setup(h, mode, &[&src], &[&dst]);
         let lp = p.prep_local(pages(&src, P, 0..64));
         let rp = p.prep_target(pages(&dst, P, 0..64));
@@ -100,7 +100,7 @@ pub fn skip_desc_merge_keeps_every_descriptor(h: &dyn Harness) {
 pub fn create_counts_callers_descriptors(h: &dyn Harness) {
     for mode in modes_or_skip(h, "create_counts_callers_descriptors") {
         let src = TestBuffer::with_pattern(64 * P, 34);
-        let dst = TestBuffer::new(64 * P);
+        let dst = tmem(h, 64 * P);
         let p = Pair::setup(h, mode, &[&src], &[&dst]);
         for n in [2usize, 64] {
             let req = p.create(
@@ -125,27 +125,38 @@ pub fn create_counts_callers_descriptors(h: &dyn Harness) {
 pub fn strided_lists(h: &dyn Harness) {
     for mode in modes_or_skip(h, "strided_lists") {
         let src = TestBuffer::with_pattern(64 * 1024, 35);
-        let dst = TestBuffer::new(64 * 1024);
+        let dst = tmem(h, 64 * 1024);
         let p = Pair::setup(h, mode, &[&src], &[&dst]);
-        let row = |b: &TestBuffer, off: usize, len: u64, stride: u64, count: u64| StridedDesc {
-            addr: b.addr() + off as u64,
-            len,
-            dev: 0,
-            stride,
-            count,
+        // Rows start at `off` of `b`: an address for DRAM, a file offset (dev = the file's key)
+        // for storage.
+        let row = |b: &dyn TestMem, off: usize, len: u64, stride: u64, count: u64| {
+            let start = b.desc_unchecked(off, len as usize);
+            StridedDesc {
+                addr: start.addr,
+                len,
+                dev: start.dev,
+                stride,
+                count,
+            }
         };
-        let strided = |rows: &[StridedDesc]| {
-            XferDescList::from_strided(MemType::Dram, rows).expect("from_strided")
+        let strided = |mem: MemType, rows: &[StridedDesc]| {
+            XferDescList::from_strided(mem, rows).expect("from_strided")
         };
         let prep = |agent: &str, l: &XferDescList| {
             p.a.prep_xfer_dlist(agent, l, &[])
                 .unwrap_or_else(|e| panic!("{mode}: prep of a strided list: {e}"))
         };
         // Two adjacent dense rows of four 4 KiB pages on both sides.
-        let ll = strided(&[row(&src, 0, 4096, 4096, 4), row(&src, 16384, 4096, 4096, 4)]);
+        let ll = strided(
+            MemType::Dram,
+            &[row(&src, 0, 4096, 4096, 4), row(&src, 16384, 4096, 4096, 4)],
+        );
         assert_eq!(ll.len(), 8);
         assert_eq!(ll[4], src.desc(16384, 4096), "rows expand in order");
-        let rl = strided(&[row(&dst, 0, 4096, 4096, 4), row(&dst, 16384, 4096, 4096, 4)]);
+        let rl = strided(
+            p.tmem,
+            &[row(&dst, 0, 4096, 4096, 4), row(&dst, 16384, 4096, 4096, 4)],
+        );
         let lp = prep(rixl::INIT_AGENT, &ll);
         let rp = prep(&p.target_name(), &rl);
         let idx: Vec<usize> = (0..8).collect();
@@ -164,8 +175,8 @@ pub fn strided_lists(h: &dyn Harness) {
             &format!("{mode}: dense strided data"),
         );
         // Sparse local pages (1 KiB every 4 KiB) into dense target pages.
-        let ll = strided(&[row(&src, 32768, 1024, 4096, 4)]);
-        let rl = strided(&[row(&dst, 32768, 1024, 1024, 4)]);
+        let ll = strided(MemType::Dram, &[row(&src, 32768, 1024, 4096, 4)]);
+        let rl = strided(p.tmem, &[row(&dst, 32768, 1024, 1024, 4)]);
         let lp = prep(rixl::INIT_AGENT, &ll);
         let rp = prep(&p.target_name(), &rl);
         let req =
@@ -230,7 +241,7 @@ pub fn strided_list_errors(_h: &dyn Harness) {
 pub fn telemetry_fields(h: &dyn Harness) {
     for mode in modes_or_skip(h, "telemetry_fields") {
         let src = TestBuffer::with_pattern(8192, 36);
-        let dst = TestBuffer::new(8192);
+        let dst = tmem(h, 8192);
         let p = Pair::setup(h, mode, &[&src], &[&dst]);
         let req = p.create(
             XferOp::Write,
@@ -266,7 +277,7 @@ pub fn telemetry_fields(h: &dyn Harness) {
 pub fn telemetry_off_and_not_posted(h: &dyn Harness) {
     for mode in modes_or_skip(h, "telemetry_off_and_not_posted") {
         let src = TestBuffer::with_pattern(4096, 37);
-        let dst = TestBuffer::new(4096);
+        let dst = tmem(h, 4096);
         let p = Pair::with_telemetry(h, mode, false);
         reg(&p.a, &[&src]);
         reg(p.target(), &[&dst]);

@@ -13,8 +13,11 @@ pub fn invalidation_makes_handles_stale(h: &dyn Harness) {
     if !h.remote() {
         return skip(h, "invalidation_makes_handles_stale", "not remote-capable");
     }
+    if no_target(h, "invalidation_makes_handles_stale") {
+        return;
+    }
     let mut src = TestBuffer::with_pattern(8192, 71);
-    let dst = TestBuffer::new(8192);
+    let dst = tmem(h, 8192);
     let p = Pair::setup(h, Mode::TwoAgents, &[&src], &[&dst]);
     let (a, bn) = (&p.a, p.target_name());
     let lp = p.prep_local(pages(&src, 4096, 0..2));
@@ -64,18 +67,12 @@ pub fn invalidation_makes_handles_stale(h: &dyn Harness) {
         "estimate_cost of a stale request",
     );
     expect_err(
-        a.prep_xfer_dlist(&bn, &xlist(vec![dst.whole()]), &[]),
+        a.prep_xfer_dlist(&bn, &p.tlist(vec![dst.whole()]), &[]),
         ErrorKind::NotFound,
         "prep for an invalidated agent",
     );
     expect_err(
-        a.create_xfer_req(
-            XferOp::Write,
-            &xlist(vec![src.whole()]),
-            &xlist(vec![dst.whole()]),
-            &bn,
-            &d,
-        ),
+        p.try_create(XferOp::Write, vec![src.whole()], vec![dst.whole()], &bn, &d),
         ErrorKind::NotFound,
         "create for an invalidated agent",
     );
@@ -126,9 +123,12 @@ pub fn restarted_peer_not_allowed_until_invalidated(h: &dyn Harness) {
             "not remote-capable",
         );
     }
+    if no_target(h, "restarted_peer_not_allowed_until_invalidated") {
+        return;
+    }
     let src = TestBuffer::with_pattern(4096, 73);
-    let t1 = TestBuffer::new(4096);
-    let t2 = TestBuffer::new(4096);
+    let t1 = tmem(h, 4096);
+    let t2 = tmem(h, 4096);
     let a = agent(h, "restart-a");
     reg(&a, &[&src]);
     let name = crate::unique_name("restart-b");
@@ -154,7 +154,7 @@ pub fn restarted_peer_not_allowed_until_invalidated(h: &dyn Harness) {
         "the refused load changed nothing"
     );
     assert!(
-        !a.check_remote_metadata(&name, Some(&xlist(vec![t2.whole()]))),
+        !a.check_remote_metadata(&name, Some(&tlist(h, vec![t2.whole()]))),
         "the refused load added no region"
     );
     a.invalidate_remote_metadata(&name);
@@ -167,7 +167,7 @@ pub fn restarted_peer_not_allowed_until_invalidated(h: &dyn Harness) {
         .create_xfer_req(
             XferOp::Write,
             &xlist(vec![src.whole()]),
-            &xlist(vec![t2.whole()]),
+            &tlist(h, vec![t2.whole()]),
             &name,
             &XferOptions::default(),
         )
@@ -185,7 +185,7 @@ pub fn local_deregistration_makes_requests_stale(h: &dyn Harness) {
     for mode in modes_or_skip(h, "local_deregistration_makes_requests_stale") {
         let mut src = TestBuffer::with_pattern(8192, 74);
         let unrelated = TestBuffer::new(4096);
-        let dst = TestBuffer::new(8192);
+        let dst = tmem(h, 8192);
         let p = Pair::setup(h, mode, &[&src, &unrelated], &[&dst]);
         let d = XferOptions::default();
         let lp = p.prep_local(pages(&src, 4096, 0..2));
@@ -235,10 +235,10 @@ pub fn local_deregistration_makes_requests_stale(h: &dyn Harness) {
             }
         }
         expect_err(
-            p.a.create_xfer_req(
+            p.try_create(
                 XferOp::Write,
-                &xlist(vec![src.whole()]),
-                &xlist(vec![dst.whole()]),
+                vec![src.whole()],
+                vec![dst.whole()],
                 &p.target_name(),
                 &d,
             ),
@@ -287,7 +287,7 @@ pub fn target_deregistration_is_not_written(h: &dyn Harness) {
             continue;
         }
         let mut src = TestBuffer::with_pattern(8192, 76);
-        let dst = TestBuffer::new(8192);
+        let dst = tmem(h, 8192);
         let p = Pair::setup(h, mode, &[&src], &[&dst]);
         let d = XferOptions::default();
         let lp = p.prep_local(pages(&src, 4096, 0..2));
@@ -343,7 +343,7 @@ pub fn deregistration_waits_for_posts_in_flight(h: &dyn Harness) {
         for &side in sides {
             let what = format!("{mode}, deregistering the {side}");
             let src = TestBuffer::with_pattern(LEN, 78);
-            let dst = TestBuffer::new(LEN);
+            let dst = tmem(h, LEN);
             let p = Pair::setup(h, mode, &[&src], &[&dst]);
             let pieces = LEN / PIECE;
             // Every other piece of the destination, in reverse order: nothing merges, so the

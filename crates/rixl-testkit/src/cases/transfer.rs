@@ -9,7 +9,7 @@ use crate::{pattern, Rng};
 fn write_read_single(h: &dyn Harness, mode: Mode) {
     const LEN: usize = 64 * 1024;
     let src = TestBuffer::with_pattern(LEN, 1);
-    let dst = TestBuffer::new(LEN);
+    let dst = tmem(h, LEN);
     let back = TestBuffer::new(LEN);
     let p = Pair::setup(h, mode, &[&src, &back], &[&dst]);
     let w = p.create(
@@ -47,6 +47,9 @@ pub fn self_write_read_single(h: &dyn Harness) {
     if !h.local() {
         return skip(h, "self_write_read_single", "not local-capable");
     }
+    if no_target(h, "self_write_read_single") {
+        return;
+    }
     write_read_single(h, Mode::SelfTarget);
 }
 
@@ -55,6 +58,9 @@ pub fn remote_write_read_single(h: &dyn Harness) {
     if !h.remote() {
         return skip(h, "remote_write_read_single", "not remote-capable");
     }
+    if no_target(h, "remote_write_read_single") {
+        return;
+    }
     write_read_single(h, Mode::TwoAgents);
 }
 
@@ -62,7 +68,7 @@ fn scattered_pages(h: &dyn Harness, mode: Mode) {
     const N: usize = 4096;
     const P: usize = 4096;
     let src = TestBuffer::with_pattern(N * P, 11);
-    let dst = TestBuffer::new(N * P);
+    let dst = tmem(h, N * P);
     let back = TestBuffer::new(N * P);
     let p = Pair::setup(h, mode, &[&src, &back], &[&dst]);
     let mut rng = Rng::new(42);
@@ -87,7 +93,7 @@ fn scattered_pages(h: &dyn Harness, mode: Mode) {
         expected[to * P..(to + 1) * P].copy_from_slice(&src_bytes[i * P..(i + 1) * P]);
     }
     assert_bytes_eq(
-        dst.as_slice(),
+        &dst.contents(),
         &expected,
         &format!("{mode}: scattered WRITE target"),
     );
@@ -117,6 +123,9 @@ pub fn self_scattered_pages(h: &dyn Harness) {
     if !h.local() {
         return skip(h, "self_scattered_pages", "not local-capable");
     }
+    if no_target(h, "self_scattered_pages") {
+        return;
+    }
     scattered_pages(h, Mode::SelfTarget);
 }
 
@@ -126,6 +135,9 @@ pub fn remote_scattered_pages(h: &dyn Harness) {
     if !h.remote() {
         return skip(h, "remote_scattered_pages", "not remote-capable");
     }
+    if no_target(h, "remote_scattered_pages") {
+        return;
+    }
     scattered_pages(h, Mode::TwoAgents);
 }
 
@@ -133,7 +145,7 @@ fn unaligned_sizes(h: &dyn Harness, mode: Mode) {
     const LEN: usize = 256 * 1024;
     const SIZES: [usize; 7] = [1, 3, 4095, 65537, 7, 4097, 2];
     let src = TestBuffer::with_pattern(LEN, 21);
-    let dst = TestBuffer::new(LEN);
+    let dst = tmem(h, LEN);
     let back = TestBuffer::new(LEN);
     let p = Pair::setup(h, mode, &[&src, &back], &[&dst]);
     let src_bytes = pattern(21, 0, LEN);
@@ -162,7 +174,7 @@ fn unaligned_sizes(h: &dyn Harness, mode: Mode) {
         );
         expected[ro..ro + s].copy_from_slice(&src_bytes[lo..lo + s]);
         assert_bytes_eq(
-            dst.as_slice(),
+            &dst.contents(),
             &expected,
             &format!("{mode}: target after the {s}-byte WRITE (outside bytes must stay 0)"),
         );
@@ -198,6 +210,9 @@ pub fn self_unaligned_sizes(h: &dyn Harness) {
     if !h.local() {
         return skip(h, "self_unaligned_sizes", "not local-capable");
     }
+    if no_target(h, "self_unaligned_sizes") {
+        return;
+    }
     unaligned_sizes(h, Mode::SelfTarget);
 }
 
@@ -205,6 +220,9 @@ pub fn self_unaligned_sizes(h: &dyn Harness) {
 pub fn remote_unaligned_sizes(h: &dyn Harness) {
     if !h.remote() {
         return skip(h, "remote_unaligned_sizes", "not remote-capable");
+    }
+    if no_target(h, "remote_unaligned_sizes") {
+        return;
     }
     unaligned_sizes(h, Mode::TwoAgents);
 }
@@ -215,7 +233,7 @@ pub fn repost_moves_data_again(h: &dyn Harness) {
     const LEN: usize = 32 * 1024;
     for mode in modes_or_skip(h, "repost_moves_data_again") {
         let mut src = TestBuffer::with_pattern(LEN, 100);
-        let dst = TestBuffer::new(LEN);
+        let dst = tmem(h, LEN);
         let p = Pair::setup(h, mode, &[&src], &[&dst]);
         let created = p.create(
             XferOp::Write,
@@ -265,9 +283,9 @@ pub fn adjacent_registrations_not_merged(h: &dyn Harness) {
     for mode in modes_or_skip(h, "adjacent_registrations_not_merged") {
         for split_local in [false, true] {
             let src = TestBuffer::with_pattern(8192, 7);
-            let dst = TestBuffer::new(8192);
+            let dst = tmem(h, 8192);
             let p = Pair::new(h, mode);
-            let halves = |b: &TestBuffer| reg_pieces(&[(b, 0, 4096), (b, 4096, 4096)]);
+            let halves = |b: &dyn TestMem| reg_pieces(&[(b, 0, 4096), (b, 4096, 4096)]);
             if split_local {
                 try_reg(&p.a, &halves(&src)).expect("two adjacent local registrations");
                 reg(p.target(), &[&dst]);
