@@ -190,8 +190,14 @@ impl Agent {
         let regs = inner.regs.read();
         let remote_state = entry.as_ref().map(|e| e.state.read());
         let mut first_miss: Option<Error> = None;
+        // A backend that would move this pair but carries no notifications, when one was
+        // asked for: NIXL reports that as a backend error, not as missing memory.
+        let mut silent: Option<&BackendSlot> = None;
         for slot in slots.iter().filter(|s| allowed.allows(s.index)) {
             if opts.notif.is_some() && !slot.caps.notif {
+                if slot.caps.can_move(local.mem(), remote.mem()) {
+                    silent.get_or_insert(slot);
+                }
                 continue;
             }
             if !slot.caps.supports(local.mem())
@@ -262,6 +268,17 @@ impl Agent {
                 built,
                 opts,
             );
+        }
+        if let (Some(slot), None) = (silent, &first_miss) {
+            return Err(Error::backend(format!(
+                "a notification was requested, but backend {} (the one that moves {} to {}) \
+                 cannot carry notifications",
+                slot.name,
+                local.mem(),
+                remote.mem()
+            ))
+            .with_backend(&slot.name)
+            .with_peer(remote_agent));
         }
         Err(first_miss
             .unwrap_or_else(|| {

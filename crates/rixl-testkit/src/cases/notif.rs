@@ -419,8 +419,8 @@ pub fn wait_notif_blocks_until_arrival(h: &dyn Harness) {
     }
 }
 
-/// Without notification support, a request with a notification cannot be made (`Backend`) or
-/// created (`NotFound`: no backend qualifies), and the queue is `Backend`.
+/// Without notification support, a request with a notification can be neither made nor
+/// created (`Backend`, as NIXL reports it), and the queue is `Backend`.
 pub fn notif_unsupported_errors(h: &dyn Harness) {
     if h.notif() {
         return skip(
@@ -441,7 +441,7 @@ pub fn notif_unsupported_errors(h: &dyn Harness) {
                 &p.target_name(),
                 &XferOptions::with_notif("n"),
             ),
-            ErrorKind::NotFound,
+            ErrorKind::Backend,
             "create_xfer_req with a notification",
         );
         let lp = p.prep_local(vec![src.whole()]);
