@@ -73,9 +73,10 @@ def test_config_defaults_and_sync_mode():
     c = nixl.nixl_agent_config()
     assert c.enable_pthread is True and c.enable_listen is False and c.port == 8888
     assert c.backends[:2] == ["LOOPBACK", "SHM"]
-    assert c.sync_mode is rixl._api.nixl_thread_sync_t.NIXL_THREAD_SYNC_NONE
+    # NIXL 1.5.1 keeps `None`; the agent resolves it (NONE, or STRICT with the listener).
+    assert c.sync_mode is None
     c = nixl.nixl_agent_config(enable_listen_thread=True)
-    assert c.sync_mode is rixl._api.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT
+    assert c.sync_mode is None
     # both enums accepted (RIXL fixes NIXL's top-level enum quirk)
     c = nixl.nixl_agent_config(sync_mode=nixl.nixl_thread_sync_t.NIXL_THREAD_SYNC_RW)
     assert c.sync_mode.value == B.NIXL_THREAD_SYNC_RW
@@ -98,6 +99,12 @@ def test_constructor_uses_bindings_at_call_time(monkeypatch):
     monkeypatch.setattr(B, "nixlAgent", spy)
     nixl.nixl_agent(uniq("spy"), nixl.nixl_agent_config(backends=[]))
     assert seen == {"sync": B.NIXL_THREAD_SYNC_NONE, "listen": False}
+    # sync_mode=None with the listener resolves to STRICT at agent creation, as in NIXL.
+    nixl.nixl_agent(
+        uniq("spy-listen"),
+        nixl.nixl_agent_config(backends=[], enable_listen_thread=True, listen_port=0),
+    )
+    assert seen == {"sync": B.NIXL_THREAD_SYNC_STRICT, "listen": True}
 
 
 def test_constructor_errors_and_missing_plugin(capsys):
@@ -624,7 +631,11 @@ def test_listener_in_process(bufs):
 
 def test_handle_classes(agent):
     h = nixl.nixl_xfer_handle(agent.agent, 12345)
-    assert h.__slots__ == () and set(nixl.nixl_xfer_handle.__mro__[1].__slots__) == {"_handle", "_agent", "_released"}
+    # Each class names its slots, as NIXL 1.5.1's do.
+    for cls in (nixl.nixl_xfer_handle, nixl.nixl_prepped_dlist_handle):
+        assert cls.__slots__ == ("_handle", "_agent", "_released")
+    with pytest.raises(AttributeError):
+        h.other = 1
     assert repr(h) == "nixl_xfer_handle(0x3039, released=False)"
     h.release()  # unknown id: release is best-effort and idempotent
     assert repr(h).endswith("released=True)")

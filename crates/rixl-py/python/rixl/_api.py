@@ -68,12 +68,10 @@ class nixl_agent_config:
         self.capture_telemetry = capture_telemetry
         self.num_threads = num_threads
         self.backends = list(backends) if backends is not None else _default_backends()
+        # `None` stays `None`, as in NIXL 1.5.1: the agent picks STRICT with the listener and
+        # NONE without it when it is created (programs read `.sync_mode` back as given).
         if sync_mode is None:
-            sync_mode = (
-                nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT
-                if enable_listen_thread
-                else nixl_thread_sync_t.NIXL_THREAD_SYNC_NONE
-            )
+            pass
         elif isinstance(sync_mode, _bindings.nixl_thread_sync_t):
             # NIXL rejects the low-level enum (a quirk of its re-exports); RIXL accepts both.
             sync_mode = nixl_thread_sync_t(sync_mode)
@@ -85,7 +83,9 @@ class nixl_agent_config:
 
 
 class _Handle:
-    __slots__ = ("_handle", "_agent", "_released")
+    # Each handle class names its own slots, as NIXL's do (`cls.__slots__` is read by some
+    # programs); the base declares none so that the layout is the subclasses'.
+    __slots__ = ()
 
     def __init__(self, agent, value):
         self._agent = agent
@@ -112,7 +112,7 @@ class nixl_xfer_handle(_Handle):
     """A transfer request handle. ``release()`` is idempotent; a released handle is refused
     with ``nixlNotFoundError``."""
 
-    __slots__ = ()
+    __slots__ = ("_handle", "_agent", "_released")
 
     def release(self):
         if self._released:
@@ -128,7 +128,7 @@ class nixl_xfer_handle(_Handle):
 class nixl_prepped_dlist_handle(_Handle):
     """A prepared descriptor list handle. ``release()`` is idempotent."""
 
-    __slots__ = ()
+    __slots__ = ("_handle", "_agent", "_released")
 
     def release(self):
         if self._released:
@@ -191,6 +191,12 @@ class nixl_agent:
         self.nixl_ops = {"WRITE": _bindings.NIXL_WRITE, "READ": _bindings.NIXL_READ}
 
         sync = nixl_conf.sync_mode
+        if sync is None:
+            sync = (
+                nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT
+                if nixl_conf.enable_listen
+                else nixl_thread_sync_t.NIXL_THREAD_SYNC_NONE
+            )
         cfg = _bindings.nixlAgentConfig(
             nixl_conf.enable_pthread,
             nixl_conf.enable_listen,
