@@ -1,28 +1,38 @@
-//! The agent: backends, the listener calls, notifications and teardown. Registration lives in
+//! The agent: its parts, the listener calls, notifications and teardown. Registration lives in
 //! `registration`, publishing and loading metadata in `metadata`, requests in `xfer`.
 //!
-//! Locking: `backends`, `regs` and `remotes` are independent `RwLock`s taken in that order when
-//! more than one is needed; none is held across a backend's transfer. The hot path (make a
-//! request from a prepared list, post it, wait) takes no agent-wide lock at all: requests keep
-//! `Arc`s to what they use and check two atomics (remote entry validity, registration epoch).
+//! The agent's state is three parts, each behind a narrow interface in its own module, so
+//! that what may be done under each lock is decided in one place: the created backends
+//! ([`BackendTable`], `backends`), this agent's registrations ([`LocalTable`],
+//! `registration`) and the cache of peers' metadata ([`RemoteTable`], `remote`). The fields of
+//! [`AgentInner`] are private to this module; other modules reach the parts through accessors.
+//!
+//! Locking: the backends, the registrations and the remote cache are each behind their own
+//! `RwLock`, taken in that order when more than one is needed (a remote entry's own state lock
+//! comes after all three); none is held across a backend's transfer. The backends' lock is
+//! held across a call into a backend only to create one (`BackendTable::add`) and for the
+//! notification poll, which never blocks; other paths call backends on a snapshot. The hot
+//! path (make a request from a prepared list, post it, wait) takes no agent-wide lock at all:
+//! requests keep `Arc`s to what they use and check two atomics (remote entry validity,
+//! registration epoch).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use parking_lot::RwLock;
-use rixl_backend::{AgentHooks, Backend, BackendContext, BackendFactory};
+use rixl_backend::{AgentHooks, BackendContext, BackendFactory};
 use rixl_core::{
     Capabilities, Desc, Error, ErrorKind, MemType, NotifQueue, Notification, Params, RegDescList,
     Result,
 };
 
+use crate::backends::{self, BackendFilter, BackendSlot, BackendTable};
 use crate::config::AgentConfig;
 use crate::listener::{self, Kind, Listener};
-use crate::registration::LocalRegs;
+use crate::registration::LocalTable;
 use crate::registry;
-use crate::remote::RemoteEntry;
+use crate::remote::{RemoteEntry, RemoteTable};
 use std::net::SocketAddr;
 
 /// The name NIXL uses for "the local side" in `prep_xfer_dlist` (`NIXL_INIT_AGENT`).
@@ -30,114 +40,14 @@ pub const INIT_AGENT: &str = "";
 /// The spelled-out form NIXL's Python layer also accepts for the local side.
 pub const INIT_AGENT_NAME: &str = "NIXL_INIT_AGENT";
 
-/// A created backend as the agent keeps it.
-#[derive(Clone, Debug)]
-pub(crate) struct BackendSlot {
-    pub name: Arc<str>,
-    pub backend: Arc<dyn Backend>,
-    pub caps: Capabilities,
-    pub index: usize,
-}
-
-impl BackendSlot {
-    /// Sends through the notification part (which creation checked matches `caps.notif`).
-    pub fn send_notif(&self, peer: &str, msg: &[u8]) -> Result<()> {
-        match self.backend.notifications() {
-            Some(n) => n.send_notif(peer, msg),
-            None => Err(Error::backend(format!(
-                "backend {} cannot carry notifications",
-                self.name
-            ))),
-        }
-    }
-
-    /// Connects the remote part to `peer`.
-    pub fn connect(&self, peer: &str) -> Result<()> {
-        match self.backend.remote() {
-            Some(r) => r.connect(peer),
-            None => Err(Error::not_supported(format!(
-                "backend {} cannot reach other agents",
-                self.name
-            ))),
-        }
-    }
-
-    /// Drops the remote part's state about `peer`.
-    pub fn disconnect(&self, peer: &str) {
-        if let Some(r) = self.backend.remote() {
-            r.disconnect(peer);
-        }
-    }
-
-    /// Forgets one region `peer` published.
-    pub fn unload_remote_region(&self, peer: &str, mem: MemType, token: u64) {
-        if let Some(r) = self.backend.remote() {
-            r.unload_remote_region(peer, mem, token);
-        }
-    }
-}
-
-/// Checks at creation that a backend's optional parts and capabilities agree, and that the
-/// instance claims nothing its factory does not declare: the agent trusts `caps` from then on.
-fn check_parts(
-    name: &str,
-    caps: &Capabilities,
-    declared: &Capabilities,
-    backend: &dyn Backend,
-) -> Result<()> {
-    let refuse =
-        |why: String| Err(Error::backend(format!("backend {name} {why}")).with_backend(name));
-    if backend.name() != name {
-        return refuse(format!("reports its name as {:?}", backend.name()));
-    }
-    if caps.remote && !caps.notif {
-        return refuse("is remote-capable but cannot carry notifications".into());
-    }
-    if caps.remote != backend.remote().is_some() {
-        return refuse(format!(
-            "declares remote={} but {} a remote part",
-            caps.remote,
-            if caps.remote { "lacks" } else { "has" }
-        ));
-    }
-    if caps.notif != backend.notifications().is_some() {
-        return refuse(format!(
-            "declares notif={} but {} a notification part",
-            caps.notif,
-            if caps.notif { "lacks" } else { "has" }
-        ));
-    }
-    let beyond = caps.mems.iter().find(|m| !declared.mems.contains(m));
-    let moves_beyond = caps.moves.iter().find(|m| !declared.moves.contains(m));
-    if let Some(m) = beyond {
-        return refuse(format!(
-            "registers {m} memory, which its factory does not declare"
-        ));
-    }
-    if let Some((l, t)) = moves_beyond {
-        return refuse(format!(
-            "moves {l} to {t}, which its factory does not declare"
-        ));
-    }
-    if caps
-        .moves
-        .iter()
-        .any(|(l, t)| !caps.supports(*l) || !caps.supports(*t))
-    {
-        return refuse("moves a memory type it cannot register".into());
-    }
-    Ok(())
-}
-
 pub(crate) struct AgentInner {
-    pub name: String,
-    pub config: AgentConfig,
-    pub alive: AtomicBool,
-    pub backends: RwLock<Vec<BackendSlot>>,
-    pub regs: RwLock<LocalRegs>,
-    pub next_reg_id: AtomicU64,
-    pub remotes: RwLock<HashMap<String, Arc<RemoteEntry>>>,
-    pub notifs: Arc<NotifQueue>,
+    name: String,
+    config: AgentConfig,
+    alive: AtomicBool,
+    backends: BackendTable,
+    regs: LocalTable,
+    remotes: RemoteTable,
+    notifs: Arc<NotifQueue>,
     listener: parking_lot::Mutex<Option<Listener>>,
 }
 
@@ -145,7 +55,7 @@ impl std::fmt::Debug for AgentInner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Agent")
             .field("name", &self.name)
-            .field("backends", &self.backends.read().len())
+            .field("backends", &self.backends.len())
             .finish_non_exhaustive()
     }
 }
@@ -184,12 +94,11 @@ impl Agent {
         let agent = Agent {
             inner: Arc::new(AgentInner {
                 name: name.to_owned(),
+                regs: LocalTable::new(config.allow_overlapping_registrations),
                 config,
                 alive: AtomicBool::new(true),
-                backends: RwLock::new(Vec::new()),
-                regs: RwLock::new(LocalRegs::default()),
-                next_reg_id: AtomicU64::new(1),
-                remotes: RwLock::new(HashMap::new()),
+                backends: BackendTable::new(),
+                remotes: RemoteTable::default(),
                 notifs: NotifQueue::new(),
                 listener: parking_lot::Mutex::new(None),
             }),
@@ -269,63 +178,44 @@ impl Agent {
     pub fn add_backend(&self, factory: &BackendFactory, params: &Params) -> Result<usize> {
         let name = factory.name();
         let parsed = factory.validate(params).map_err(|e| e.with_backend(name))?;
-        let mut backends = self.inner.backends.write();
-        if backends.iter().any(|b| &*b.name == name) {
-            return Err(
-                Error::invalid_param(format!("backend {name} was already created"))
-                    .with_backend(name),
+        let inner = &self.inner;
+        inner.backends.add(name, &factory.capabilities(), |index| {
+            let hooks: Weak<AgentInner> = Arc::downgrade(inner);
+            let ctx = BackendContext::new(
+                &inner.name,
+                index,
+                parsed,
+                inner.notifs.sender(index),
+                inner.config.progress_thread,
+                hooks,
             );
-        }
-        let index = backends.len();
-        let hooks: Weak<AgentInner> = Arc::downgrade(&self.inner);
-        let ctx = BackendContext::new(
-            &self.inner.name,
-            index,
-            parsed,
-            self.inner.notifs.sender(index),
-            self.inner.config.progress_thread,
-            hooks,
-        );
-        let backend = factory.create(ctx).map_err(|e| {
-            let e = match e.kind() {
-                ErrorKind::InvalidParam | ErrorKind::NotSupported => e,
-                _ => Error::backend(format!(
-                    "backend {name} failed to initialise: {}",
-                    e.message()
-                ))
-                .with_source(e),
-            };
-            e.with_backend(name)
-        })?;
-        let caps = backend.capabilities();
-        check_parts(name, &caps, &factory.capabilities(), backend.as_ref())?;
-        backends.push(BackendSlot {
-            name: Arc::from(name),
-            backend,
-            caps,
-            index,
-        });
-        Ok(index)
+            factory.create(ctx).map_err(|e| {
+                let e = match e.kind() {
+                    ErrorKind::InvalidParam | ErrorKind::NotSupported => e,
+                    _ => Error::backend(format!(
+                        "backend {name} failed to initialise: {}",
+                        e.message()
+                    ))
+                    .with_source(e),
+                };
+                e.with_backend(name)
+            })
+        })
     }
 
     /// Names of the created backends, in preference order.
     pub fn backends(&self) -> Vec<String> {
-        self.inner
-            .backends
-            .read()
-            .iter()
-            .map(|b| b.name.to_string())
-            .collect()
+        self.inner.backends.names()
     }
 
     /// Effective parameters of a created backend (defaults merged with what was passed).
     pub fn backend_params(&self, name: &str) -> Result<Params> {
-        Ok(self.inner.slot(name)?.backend.params())
+        Ok(self.inner.backends.slot(name)?.backend.params())
     }
 
     /// Capabilities of a created backend.
     pub fn backend_capabilities(&self, name: &str) -> Result<Capabilities> {
-        Ok(self.inner.slot(name)?.caps)
+        Ok(self.inner.backends.slot(name)?.caps)
     }
 
     // ---------------------------------------------------------------- memory
@@ -355,7 +245,7 @@ impl Agent {
 
     /// Asks `backend` about registrations that may not exist yet (files, objects).
     pub fn query_mem(&self, list: &RegDescList, backend: &str) -> Result<Vec<Option<Params>>> {
-        let slot = self.inner.slot(backend)?;
+        let slot = self.inner.backends.slot(backend)?;
         slot.backend
             .query_mem(list.mem(), list.descs())
             .map_err(|e| e.with_backend(backend))
@@ -409,7 +299,7 @@ impl Agent {
     /// The generation of the loaded metadata of `agent`: a new number each time its entry is
     /// created from scratch (after invalidation), unchanged by partial loads.
     pub fn remote_generation(&self, agent: &str) -> Option<u64> {
-        self.inner.remotes.read().get(agent).map(|e| e.generation)
+        self.inner.remotes.get(agent).map(|e| e.generation)
     }
 
     /// The regions `agent` published for memory type `mem` (across backends, deduplicated, in
@@ -432,8 +322,8 @@ impl Agent {
     /// Connects every common backend (or the named ones) to `agent` ahead of the first transfer.
     pub fn make_connection(&self, agent: &str, backends: &[&str]) -> Result<()> {
         let entry = self.inner.remote(agent)?;
-        let filter = self.inner.backend_filter(backends)?;
-        let slots = self.inner.backends.read().clone();
+        let filter = self.inner.backends.filter(backends)?;
+        let slots = self.inner.backends.snapshot();
         let state = entry.state.read();
         let reachable: Vec<&BackendSlot> = slots
             .iter()
@@ -572,11 +462,11 @@ impl Agent {
     /// Sends a standalone notification to `agent` (your own name works too) through `backend`,
     /// or the first notification backend that reaches it.
     pub fn send_notif(&self, agent: &str, msg: &[u8], backend: Option<&str>) -> Result<()> {
-        let slots = self.inner.backends.read().clone();
-        let named = backend.map(|b| self.inner.slot(b)).transpose()?;
+        let slots = self.inner.backends.snapshot();
+        let named = backend.map(|b| self.inner.backends.index(b)).transpose()?;
         let candidates = slots
             .iter()
-            .filter(|s| named.as_ref().is_none_or(|n| n.index == s.index))
+            .filter(|s| named.is_none_or(|n| n == s.index))
             .filter(|s| s.caps.notif);
         if agent == self.inner.name {
             let slot = candidates
@@ -604,40 +494,36 @@ impl Agent {
     /// Drains the notifications received so far (from every notification backend, or the named
     /// ones), in arrival order.
     pub fn get_notifs(&self, backends: &[&str]) -> Result<Vec<Notification>> {
-        let filter = self.inner.notif_filter(backends)?;
+        let notifs = &self.inner.notifs;
         // Take what already arrived (SHM's ring: one atomic load per peer when empty), so
         // that a caller polling in a loop does not wait for a backend thread to wake up. Not
         // when something is queued already (the usual `wait_notif`, then `get_notifs`): the
         // caller gets that now, and a poll would only tell backends to expect more polls.
-        // Polls under the read lock rather than on a cloned slot list: `poll_notifs` never
-        // blocks, and a NIXL-style polling loop calls this millions of times.
-        if self.inner.notifs.is_empty() {
-            for s in self.inner.backends.read().iter() {
-                if let Some(n) = s.backend.notifications() {
-                    n.poll_notifs();
-                }
+        // Polls under the read lock rather than on a snapshot, and checks the names under the
+        // same lock: a NIXL-style polling loop calls this millions of times, and with nothing
+        // queued it costs one read lock and the backends' polls (`poll_notifs` never blocks).
+        let filter = self.inner.backends.visit(|slots| {
+            if !slots.iter().any(|s| s.caps.notif) {
+                return Err(Error::backend(
+                    "no notification-capable backend was created",
+                ));
             }
-            if self.inner.notifs.is_empty() {
-                return Ok(Vec::new());
+            let filter = BackendFilter::among(slots, backends)?;
+            if notifs.is_empty() {
+                backends::poll_notifs(slots);
             }
+            Ok(filter)
+        })?;
+        if notifs.is_empty() {
+            return Ok(Vec::new());
         }
-        Ok(self.inner.notifs.drain(|b| filter.allows(b)))
-    }
-
-    fn notif_slots(&self) -> Vec<BackendSlot> {
-        self.inner
-            .backends
-            .read()
-            .iter()
-            .filter(|s| s.caps.notif)
-            .cloned()
-            .collect()
+        Ok(notifs.drain(|b| filter.allows(b)))
     }
 
     /// Blocks until a notification is available or `timeout` passes, without consuming it.
     /// Returns whether one is available.
     pub fn wait_notif(&self, timeout: Duration) -> bool {
-        let slots = self.notif_slots();
+        let slots = self.inner.backends.snapshot();
         // While this thread spins it watches the backends itself, so they need not wake
         // their own threads (SHM senders skip the doorbell); it stops watching before it
         // sleeps, or when it is done.
@@ -684,20 +570,13 @@ impl Drop for Agent {
         inner.alive.store(false, Ordering::Release);
         // Ends the notification streams (they hold no strong reference to wake them otherwise).
         inner.notifs.close();
-        let names: Vec<String> = inner.remotes.read().keys().cloned().collect();
-        for n in names {
+        for n in inner.remotes.names() {
             inner.invalidate_remote(&n);
         }
-        let slots = inner.backends.read().clone();
+        let slots = inner.backends.snapshot();
         // Fence every region as `deregister_mem` does: close them to new posts and wait
         // (bounded) for the posts in flight, so that nothing moves after the agent is gone.
-        let fences: Vec<_> = {
-            let regs = inner.regs.read();
-            regs.sections
-                .iter()
-                .flat_map(|s| s.index.entries().iter().map(|e| e.value.fence.clone()))
-                .collect()
-        };
+        let fences = inner.regs.fences();
         fences.iter().for_each(|f| {
             f.close();
         });
@@ -712,23 +591,12 @@ impl Drop for Agent {
                 inner.config.deregister_timeout
             );
         }
-        let mut regs = inner.regs.write();
-        for section in regs.sections.iter_mut() {
-            let backend = &slots[section.backend].backend;
-            for e in section.index.drain() {
-                let r = backend.deregister(section.mem, e.value.token);
-                e.value.fence.mark_released(r.is_ok());
-                if let Err(err) = r {
-                    tracing::warn!("deregistration at agent teardown failed: {err}");
-                }
-            }
-        }
-        drop(regs);
+        inner.regs.release_all(&slots);
         // Handles that outlive the agent keep backend objects alive: tell them to stop serving.
-        for slot in &slots {
+        for slot in slots.iter() {
             slot.backend.shutdown();
         }
-        inner.backends.write().clear();
+        inner.backends.clear();
     }
 }
 
@@ -739,48 +607,48 @@ fn unknown_plugin(name: &str) -> Error {
     ))
 }
 
-/// Which backends (by index) a call may use.
-pub(crate) struct BackendFilter(Option<Vec<usize>>);
-
-impl BackendFilter {
-    pub fn allows(&self, index: usize) -> bool {
-        self.0.as_ref().is_none_or(|v| v.contains(&index))
-    }
-}
-
 impl AgentInner {
-    pub fn slot(&self, name: &str) -> Result<BackendSlot> {
-        self.backends
-            .read()
-            .iter()
-            .find(|b| &*b.name == name)
-            .cloned()
-            .ok_or_else(|| {
-                Error::not_found(format!("backend {name} was not created on this agent"))
-                    .with_backend(name)
-            })
+    /// The agent's name.
+    #[inline]
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
-    pub fn backend_filter(&self, names: &[&str]) -> Result<BackendFilter> {
-        if names.is_empty() {
-            return Ok(BackendFilter(None));
-        }
-        let mut v = Vec::with_capacity(names.len());
-        for n in names {
-            v.push(self.slot(n)?.index);
-        }
-        Ok(BackendFilter(Some(v)))
+    /// The agent's configuration (with the environment applied).
+    #[inline]
+    pub fn config(&self) -> &AgentConfig {
+        &self.config
     }
 
-    fn notif_filter(&self, names: &[&str]) -> Result<BackendFilter> {
-        let slots = self.backends.read();
-        if !slots.iter().any(|s| s.caps.notif) {
-            return Err(Error::backend(
-                "no notification-capable backend was created",
-            ));
-        }
-        drop(slots);
-        self.backend_filter(names)
+    /// False once the agent is being dropped: prepared lists, requests and handles that
+    /// outlive it check this.
+    #[inline]
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::Acquire)
+    }
+
+    /// The created backends.
+    #[inline]
+    pub fn backends(&self) -> &BackendTable {
+        &self.backends
+    }
+
+    /// This agent's registrations.
+    #[inline]
+    pub fn regs(&self) -> &LocalTable {
+        &self.regs
+    }
+
+    /// The cache of peers' metadata.
+    #[inline]
+    pub fn remotes(&self) -> &RemoteTable {
+        &self.remotes
+    }
+
+    /// The queue received notifications land in.
+    #[inline]
+    pub fn notifs(&self) -> &Arc<NotifQueue> {
+        &self.notifs
     }
 
     /// Names the peer in `e` and, if the peer is gone (`RemoteDisconnect`), invalidates its
@@ -798,7 +666,7 @@ impl AgentInner {
                 "{agent:?} is this agent's own name, not a remote agent"
             )));
         }
-        self.remotes.read().get(agent).cloned().ok_or_else(|| {
+        self.remotes.get(agent).ok_or_else(|| {
             Error::not_found(format!("no metadata loaded for agent {agent:?}")).with_peer(agent)
         })
     }

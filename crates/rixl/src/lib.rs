@@ -39,16 +39,19 @@
 //! peer's invalidation and drives the backend like `status()`, and [`Agent::notifications`] is
 //! a [`NotifStream`] of received notifications; both work under any executor.
 //!
-//! Layout: [`Agent`] (backends, registrations, metadata cache, notifications) in `agent`;
-//! registration handles in `owned`; prepared lists and requests in `xfer`, their future in
-//! `future` (woken at deadlines by the process-wide thread in `timer`); the notification stream
-//! in `stream`; the remote metadata cache in `remote`; built-in backends in `registry` (the
-//! in-process `LOOPBACK` backend lives here, the others in their own crates). Types shared with
-//! backends come from `rixl-core` and `rixl-backend` and are re-exported.
+//! Layout: [`Agent`] (notifications, teardown) in `agent`, and its parts in their own modules:
+//! the created backends in `backends`, local registrations in `registration`, the remote
+//! metadata cache in `remote` (publishing and loading metadata in `metadata`); registration
+//! handles in `owned`; prepared lists and requests in `xfer`, their future in `future` (woken
+//! at deadlines by the process-wide thread in `timer`); the notification stream in `stream`;
+//! built-in backends in `registry` (the in-process `LOOPBACK` backend lives here, the others in
+//! their own crates). Types shared with backends come from `rixl-core` and `rixl-backend` and
+//! are re-exported.
 
 #![warn(missing_docs)]
 
 mod agent;
+mod backends;
 pub mod config;
 mod copy;
 mod fence;

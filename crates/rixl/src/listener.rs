@@ -245,7 +245,7 @@ fn accept_loop(
         let spawned = std::thread::Builder::new().name("rixl-listener-conn".into()).spawn(move || {
             if let Err(e) = serve(&inner, &mut conn, secret2.as_deref()) {
                 let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-                tracing::warn!(agent = %inner.name, "dropped a listener message from {peer}: {e}");
+                tracing::warn!(agent = %inner.name(), "dropped a listener message from {peer}: {e}");
             }
             active2.fetch_sub(1, Ordering::SeqCst);
         });
@@ -276,16 +276,16 @@ fn serve(inner: &Arc<AgentInner>, conn: &mut TcpStream, secret: Option<&[u8]>) -
             Kind::Load => {
                 let loaded = inner.load_remote(&payload).map(drop);
                 if let Err(e) = &loaded {
-                    tracing::warn!(agent = %inner.name, "metadata pushed to the listener was not loaded: {e}");
+                    tracing::warn!(agent = %inner.name(), "metadata pushed to the listener was not loaded: {e}");
                 }
                 reply(loaded, conn)?;
             }
             Kind::Fetch => {
                 let wanted = String::from_utf8_lossy(&payload);
-                let reply_blob = if !wanted.is_empty() && wanted != inner.name {
+                let reply_blob = if !wanted.is_empty() && wanted != inner.name() {
                     Err(Error::not_found(format!(
                         "this listener serves agent {:?}, not {wanted:?}",
-                        inner.name
+                        inner.name()
                     )))
                 } else {
                     inner.full_metadata()

@@ -4,17 +4,18 @@
 //! A load is atomic: phase 1 validates the whole blob against the current entry without side
 //! effects (NIXL's rules: own blob, restarted peer, changed public data, descriptors before
 //! connection info), phase 2 hands the new parts to the backends and undoes them on failure,
-//! phase 3 commits. A failed load leaves the cache exactly as it was.
-
-use std::sync::Arc;
+//! phase 3 commits. A failed load leaves the cache exactly as it was: all three phases run
+//! under the cache's write lock (`RemoteTable::begin_load`), and only phase 3 changes the
+//! cache (`PendingLoad::commit`), so returning an error before it is the rollback.
 
 use rixl_core::{
     AgentMetadata, ConnInfo, Desc, Error, MemType, MetadataSection, PublishedRegion, RegDescList,
     RegIndex, Result,
 };
 
-use crate::agent::{AgentInner, BackendSlot};
-use crate::remote::{RemoteEntry, RemoteRegion, RemoteSection, RemoteState};
+use crate::agent::AgentInner;
+use crate::backends::BackendSlot;
+use crate::remote::{RemoteRegion, RemoteSection, RemoteState};
 
 impl AgentInner {
     pub fn full_metadata(&self) -> Result<Vec<u8>> {
@@ -27,13 +28,11 @@ impl AgentInner {
         include_conn: bool,
         names: &[&str],
     ) -> Result<Vec<u8>> {
-        let filter = self.backend_filter(names)?;
-        let slots: Vec<BackendSlot> = self
-            .backends
-            .read()
+        let filter = self.backends().filter(names)?;
+        let all = self.backends().snapshot();
+        let slots: Vec<&BackendSlot> = all
             .iter()
             .filter(|s| s.caps.remote && filter.allows(s.index))
-            .cloned()
             .collect();
         if slots.is_empty() {
             return Err(Error::invalid_param(
@@ -41,7 +40,7 @@ impl AgentInner {
             ));
         }
         let mut md = AgentMetadata {
-            agent: self.name.clone(),
+            agent: self.name().to_owned(),
             ..AgentMetadata::default()
         };
         if include_conn {
@@ -54,84 +53,76 @@ impl AgentInner {
                 }
             }
         }
-        let regs = self.regs.read();
-        match only {
-            None => {
-                for sec in &regs.sections {
-                    if let Some(s) = slots.iter().find(|s| s.index == sec.backend) {
-                        md.sections.push(MetadataSection {
-                            backend: s.name.to_string(),
-                            mem: sec.mem,
-                            regions: sec
-                                .index
-                                .entries()
-                                .iter()
-                                .map(|e| PublishedRegion {
-                                    desc: e.desc,
-                                    public: e.value.public.clone(),
-                                })
-                                .collect(),
-                        });
-                    }
-                }
-            }
-            Some(list) => {
-                let mem = list.mem();
-                for (i, d) in list.descs().iter().enumerate() {
-                    let mut found = false;
-                    for s in &slots {
-                        let Some(sec) = regs.section(mem, s.index) else {
-                            continue;
-                        };
-                        let Some(pos) = sec.index.find_exact(&d.desc) else {
-                            continue;
-                        };
-                        found = true;
-                        let public = sec.index.entries()[pos].value.public.clone();
-                        let region = PublishedRegion {
-                            desc: d.desc,
-                            public,
-                        };
-                        match md
-                            .sections
-                            .iter_mut()
-                            .find(|m| m.mem == mem && *m.backend == *s.name)
-                        {
-                            Some(m) if m.regions.iter().any(|r| r.desc == d.desc) => {}
-                            Some(m) => m.regions.push(region),
-                            None => md.sections.push(MetadataSection {
+        // One state of the registrations for the whole blob.
+        self.regs().visit(|regs| {
+            match only {
+                None => {
+                    for sec in regs.sections() {
+                        if let Some(s) = slots.iter().find(|s| s.index == sec.backend()) {
+                            md.sections.push(MetadataSection {
                                 backend: s.name.to_string(),
-                                mem,
-                                regions: vec![region],
-                            }),
+                                mem: sec.mem(),
+                                regions: sec.published().collect(),
+                            });
                         }
                     }
-                    if !found {
-                        return Err(Error::not_found(format!(
-                            "descriptor {i} (addr {:#x}, len {}, dev {}) is not exactly a registration of a remote-capable backend",
-                            d.desc.addr, d.desc.len, d.desc.dev
-                        ))
-                        .with_mem(mem));
+                }
+                Some(list) => {
+                    let mem = list.mem();
+                    for (i, d) in list.descs().iter().enumerate() {
+                        let mut found = false;
+                        for s in &slots {
+                            let Some(public) = regs.public_of(mem, s.index, &d.desc) else {
+                                continue;
+                            };
+                            found = true;
+                            let region = PublishedRegion {
+                                desc: d.desc,
+                                public: public.to_vec(),
+                            };
+                            match md
+                                .sections
+                                .iter_mut()
+                                .find(|m| m.mem == mem && *m.backend == *s.name)
+                            {
+                                Some(m) if m.regions.iter().any(|r| r.desc == d.desc) => {}
+                                Some(m) => m.regions.push(region),
+                                None => md.sections.push(MetadataSection {
+                                    backend: s.name.to_string(),
+                                    mem,
+                                    regions: vec![region],
+                                }),
+                            }
+                        }
+                        if !found {
+                            return Err(Error::not_found(format!(
+                                "descriptor {i} (addr {:#x}, len {}, dev {}) is not exactly a registration of a remote-capable backend",
+                                d.desc.addr, d.desc.len, d.desc.dev
+                            ))
+                            .with_mem(mem));
+                        }
                     }
                 }
             }
-        }
+            Ok(())
+        })?;
         Ok(md.encode())
     }
 
     pub fn load_remote(&self, blob: &[u8]) -> Result<String> {
         let md = AgentMetadata::decode(blob)?;
         let peer = md.agent.as_str();
-        if peer == self.name {
+        if peer == self.name() {
             return Err(Error::invalid_param(
                 "this blob is the agent's own metadata; an agent cannot load itself",
             ));
         }
-        let slots = self.backends.read().clone();
+        let slots = self.backends().snapshot();
         let by_name = |n: &str| slots.iter().find(|s| &*s.name == n && s.caps.remote);
-        let mut remotes = self.remotes.write();
-        let existing = remotes.get(peer).cloned();
-        let old = existing.as_ref().map(|e| e.state.read());
+        // Holds the cache's write lock until the load is committed or dropped (on an error).
+        let load = self.remotes().begin_load(peer);
+        let existing = load.current();
+        let old = existing.map(|e| e.state.read());
 
         // Phase 1: validate everything against the current entry without side effects.
         let mut new_conn: Vec<(&BackendSlot, &[u8])> = Vec::new();
@@ -241,9 +232,7 @@ impl AgentInner {
                 }
             }
         }
-        let reachable_before = existing
-            .as_ref()
-            .is_some_and(|e| !e.state.read().conn.is_empty());
+        let reachable_before = existing.is_some_and(|e| !e.state.read().conn.is_empty());
         if !new_conn.is_empty() && accepted_conn.is_empty() && !reachable_before {
             return Err(Error::backend(format!(
                 "no backend of this agent can reach agent {peer:?}"
@@ -252,9 +241,7 @@ impl AgentInner {
         }
         let reachable = |b: usize| {
             accepted_conn.iter().any(|(i, _)| *i == b)
-                || existing
-                    .as_ref()
-                    .is_some_and(|e| e.state.read().reachable(b))
+                || existing.is_some_and(|e| e.state.read().reachable(b))
         };
         let mut loaded: Vec<(usize, MemType, Desc, RemoteRegion)> = Vec::new();
         for (slot, mem, r) in &new_regions {
@@ -288,48 +275,41 @@ impl AgentInner {
         }
 
         // Phase 3: commit.
-        let entry = match existing {
-            Some(e) => e,
-            None => {
-                let e = Arc::new(RemoteEntry::new(peer));
-                remotes.insert(peer.to_owned(), e.clone());
-                e
+        load.commit(|st| {
+            let RemoteState {
+                conn,
+                unreachable: unr,
+                sections,
+            } = st;
+            conn.extend(accepted_conn);
+            unr.extend(unreachable);
+            for (b, mem, desc, rr) in loaded {
+                let pos = match sections.iter().position(|s| s.mem == mem && s.backend == b) {
+                    Some(p) => p,
+                    None => {
+                        sections.push(RemoteSection {
+                            mem,
+                            backend: b,
+                            index: RegIndex::new(),
+                        });
+                        sections.len() - 1
+                    }
+                };
+                sections[pos]
+                    .index
+                    .insert(desc, rr)
+                    .expect("overlap checked in phase 1");
             }
-        };
-        let mut st = entry.state.write();
-        let RemoteState {
-            conn,
-            unreachable: unr,
-            sections,
-        } = &mut *st;
-        conn.extend(accepted_conn);
-        unr.extend(unreachable);
-        for (b, mem, desc, rr) in loaded {
-            let pos = match sections.iter().position(|s| s.mem == mem && s.backend == b) {
-                Some(p) => p,
-                None => {
-                    sections.push(RemoteSection {
-                        mem,
-                        backend: b,
-                        index: RegIndex::new(),
-                    });
-                    sections.len() - 1
-                }
-            };
-            sections[pos]
-                .index
-                .insert(desc, rr)
-                .expect("overlap checked in phase 1");
-        }
+        });
         Ok(peer.to_owned())
     }
 
     pub fn invalidate_remote(&self, agent: &str) {
-        let Some(entry) = self.remotes.write().remove(agent) else {
+        let Some(entry) = self.remotes().remove(agent) else {
             return;
         };
         entry.invalidate();
-        let slots = self.backends.read().clone();
+        let slots = self.backends().snapshot();
         let st = entry.state.read();
         for sec in &st.sections {
             if let Some(slot) = slots.get(sec.backend) {
@@ -350,7 +330,7 @@ impl AgentInner {
         agent: &str,
         descs: Option<&rixl_core::XferDescList>,
     ) -> bool {
-        let Some(entry) = self.remotes.read().get(agent).cloned() else {
+        let Some(entry) = self.remotes().get(agent) else {
             return false;
         };
         let Some(list) = descs.filter(|l| !l.is_empty()) else {

@@ -169,11 +169,11 @@ impl Registration {
         }
         Registration {
             agent: Arc::downgrade(inner),
-            agent_name: inner.name.clone(),
+            agent_name: inner.name().to_owned(),
             list,
             backends,
             held,
-            timeout: inner.config.deregister_timeout,
+            timeout: inner.config().deregister_timeout,
         }
     }
 
@@ -207,10 +207,7 @@ impl Registration {
     pub fn is_registered(&self) -> bool {
         !self.held.is_empty()
             && self.held.iter().all(|h| h.fence.released().is_none())
-            && self
-                .agent
-                .upgrade()
-                .is_some_and(|a| a.alive.load(std::sync::atomic::Ordering::Acquire))
+            && self.agent.upgrade().is_some_and(|a| a.is_alive())
     }
 
     /// Deregisters the list now and reports how it went.

@@ -3,14 +3,13 @@
 //! deregistration fences). Requests are then made from index arrays (`xfer`) without touching
 //! any agent lock.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use rixl_core::{Desc, Error, MemType, RegIndex, Result, Segment, SegmentVec, XferDescList};
 
-use crate::agent::{Agent, AgentInner, BackendSlot, INIT_AGENT, INIT_AGENT_NAME};
-use crate::fence::{Fences, RegionFence};
-use crate::registration::LocalReg;
+use crate::agent::{Agent, AgentInner, INIT_AGENT, INIT_AGENT_NAME};
+use crate::backends::BackendSlot;
+use crate::fence::Fences;
 use crate::remote::{RemoteEntry, RemoteRegion};
 
 /// Which side a prepared list describes.
@@ -72,7 +71,7 @@ impl PreparedList {
     pub fn agent(&self) -> Option<&str> {
         match &self.inner.side {
             Side::Local => None,
-            Side::SelfTarget => Some(&self.inner.agent.name),
+            Side::SelfTarget => Some(self.inner.agent.name()),
             Side::Remote(e) => Some(&e.name),
         }
     }
@@ -88,7 +87,7 @@ impl PreparedList {
 
     /// Fails with `NotFound` if the agent is gone, or the remote side was invalidated since.
     pub(crate) fn check_fresh(&self) -> Result<()> {
-        if !self.inner.agent.alive.load(Ordering::Acquire) {
+        if !self.inner.agent.is_alive() {
             return Err(Error::not_found(
                 "the agent of this prepared list was dropped",
             ));
@@ -120,12 +119,12 @@ impl Agent {
         if list.is_empty() {
             return Err(Error::not_found("cannot prepare an empty descriptor list"));
         }
-        let filter = inner.backend_filter(backends)?;
+        let filter = inner.backends().filter(backends)?;
         let mem = list.mem();
         let descs = list.descs();
         let side = if agent == INIT_AGENT || agent == INIT_AGENT_NAME {
             Side::Local
-        } else if agent == inner.name {
+        } else if agent == inner.name() {
             Side::SelfTarget
         } else {
             Side::Remote(inner.remote(agent)?)
@@ -133,21 +132,20 @@ impl Agent {
         for (i, d) in descs.iter().enumerate() {
             d.check_xfer(i)?;
         }
-        let slots = inner.backends.read().clone();
+        let slots = inner.backends().snapshot();
         let mut resolutions = Vec::new();
         let mut first_miss: Option<(usize, String)> = None;
         match &side {
-            Side::Local | Side::SelfTarget => {
-                let regs = inner.regs.read();
+            Side::Local | Side::SelfTarget => inner.regs().visit(|regs| {
+                let self_target = matches!(side, Side::SelfTarget);
                 for slot in slots.iter().filter(|s| filter.allows(s.index)) {
-                    if matches!(side, Side::SelfTarget) && !slot.caps.local {
+                    if self_target && !slot.caps.local {
                         continue;
                     }
-                    let Some(sec) = regs.section(mem, slot.index) else {
+                    let Some(resolved) = regs.resolve(mem, slot.index, descs, self_target) else {
                         continue;
                     };
-                    let self_target = matches!(side, Side::SelfTarget);
-                    match resolve_local(&sec.index, descs, self_target) {
+                    match resolved {
                         Ok((entries, fences)) => resolutions.push(Resolution {
                             backend: slot.clone(),
                             entries,
@@ -158,7 +156,7 @@ impl Agent {
                         }
                     }
                 }
-            }
+            }),
             Side::Remote(entry) => {
                 let st = entry.state.read();
                 for slot in slots.iter().filter(|s| filter.allows(s.index)) {
@@ -208,46 +206,6 @@ impl Agent {
             }),
         })
     }
-}
-
-/// Resolves every descriptor against a local index, and collects the fences of the distinct
-/// regions used. On a miss (no registration covers the descriptor, or the covering one is
-/// being deregistered) returns its position.
-pub(crate) fn resolve_local(
-    index: &RegIndex<LocalReg>,
-    descs: &[Desc],
-    self_target: bool,
-) -> std::result::Result<(SegmentVec, Fences), usize> {
-    let mut out = SegmentVec::with_capacity(descs.len());
-    let mut fences: Vec<Arc<RegionFence>> = Vec::new();
-    let mut hint = 0usize;
-    let mut last_id = u64::MAX;
-    for (i, d) in descs.iter().enumerate() {
-        let pos = index.find_covering_hinted(d, hint).ok_or(i)?;
-        hint = pos;
-        let reg = &index.entries()[pos].value;
-        if reg.id != last_id {
-            if !reg.fence.is_open() {
-                return Err(i);
-            }
-            fences.push(reg.fence.clone());
-            last_id = reg.id;
-        }
-        let token = if self_target {
-            reg.target_token
-        } else {
-            reg.token
-        };
-        out.push(Segment {
-            addr: d.addr,
-            len: d.len,
-            dev: d.dev,
-            token,
-        });
-    }
-    fences.sort_unstable_by_key(|f| f.id);
-    fences.dedup_by_key(|f| f.id);
-    Ok((out, fences.into()))
 }
 
 /// Resolves every descriptor against a remote index; on a miss returns its position.

@@ -1,5 +1,15 @@
 //! The cache of other agents' metadata, with generations.
 //!
+//! [`RemoteTable`] maps a peer's name to its current [`RemoteEntry`]. It is its own part of the
+//! agent because the cache has one rule the rest of the agent must not be able to break: a
+//! load is atomic (a failed load leaves the cache exactly as it was, and no two loads or a load
+//! and an invalidation interleave). So the table offers lookups ([`RemoteTable::get`],
+//! [`RemoteTable::names`]), removal for invalidation ([`RemoteTable::remove`]), and a load
+//! ([`RemoteTable::begin_load`]) that holds the write lock from validation to commit and
+//! changes the map only in [`PendingLoad::commit`]: dropping the pending load on an error path
+//! is the rollback. The phases of a load themselves (what is validated, what backends are told)
+//! are the agent's, in `metadata`.
+//!
 //! Each loaded agent has one [`RemoteEntry`]. Prepared lists and requests keep an `Arc` to the
 //! entry they were built against; invalidation clears the entry's `valid` flag and removes it
 //! from the cache, so every later use of those handles fails with `NotFound` after one atomic
@@ -18,7 +28,9 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::Waker;
 
-use parking_lot::{Mutex, RwLock};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock, RwLockWriteGuard};
 use rixl_core::{MemType, RegIndex};
 
 /// Source of generation numbers: global and monotonic, so a reloaded agent never reuses one.
@@ -140,6 +152,72 @@ impl RemoteEntry {
     /// Removes watch `id` (a future that resolved or was dropped).
     pub fn unwatch(&self, id: u64) {
         self.watchers.lock().wakers.remove(&id);
+    }
+}
+
+/// The loaded peers, by name (see the module documentation).
+#[derive(Debug, Default)]
+pub(crate) struct RemoteTable {
+    entries: RwLock<HashMap<String, Arc<RemoteEntry>>>,
+}
+
+impl RemoteTable {
+    /// The current entry of `agent`, if its metadata is loaded.
+    pub fn get(&self, agent: &str) -> Option<Arc<RemoteEntry>> {
+        self.entries.read().get(agent).cloned()
+    }
+
+    /// Names of the loaded peers.
+    pub fn names(&self) -> Vec<String> {
+        self.entries.read().keys().cloned().collect()
+    }
+
+    /// Takes `agent`'s entry out of the cache (the first step of an invalidation; the caller
+    /// marks it stale and unloads it from the backends, outside the lock).
+    pub fn remove(&self, agent: &str) -> Option<Arc<RemoteEntry>> {
+        self.entries.write().remove(agent)
+    }
+
+    /// Starts loading metadata of `peer`: takes the write lock, held until the returned load
+    /// is committed or dropped, so the entry it shows stays current throughout.
+    pub fn begin_load<'a>(&'a self, peer: &'a str) -> PendingLoad<'a> {
+        let entries = self.entries.write();
+        let current = entries.get(peer).cloned();
+        PendingLoad {
+            peer,
+            entries,
+            current,
+        }
+    }
+}
+
+/// A load in progress, holding the cache's write lock. Dropping it changes nothing.
+pub(crate) struct PendingLoad<'a> {
+    peer: &'a str,
+    entries: RwLockWriteGuard<'a, HashMap<String, Arc<RemoteEntry>>>,
+    current: Option<Arc<RemoteEntry>>,
+}
+
+impl PendingLoad<'_> {
+    /// The peer's entry as the load found it (`None` if the peer is not loaded).
+    pub fn current(&self) -> Option<&Arc<RemoteEntry>> {
+        self.current.as_ref()
+    }
+
+    /// Commits the load: `apply` adds the new parts to the peer's state (a fresh entry, with a
+    /// new generation, if the peer was not loaded), then the entry is in the cache and the
+    /// lock released.
+    pub fn commit(mut self, apply: impl FnOnce(&mut RemoteState)) -> Arc<RemoteEntry> {
+        let entry = match self.current.take() {
+            Some(e) => e,
+            None => {
+                let e = Arc::new(RemoteEntry::new(self.peer));
+                self.entries.insert(self.peer.to_owned(), e.clone());
+                e
+            }
+        };
+        apply(&mut entry.state.write());
+        entry
     }
 }
 

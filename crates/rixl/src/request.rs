@@ -15,7 +15,8 @@ use rixl_backend::{BackendXfer, PostOutcome};
 use rixl_core::completion::{monotonic_micros, monotonic_nanos};
 use rixl_core::{Completion, CostEstimate, Error, Result, XferOp, XferStatus};
 
-use crate::agent::{Agent, AgentInner, BackendSlot};
+use crate::agent::{Agent, AgentInner};
+use crate::backends::BackendSlot;
 use crate::fence::PostPins;
 use crate::future::XferFuture;
 use crate::prepared::PreparedList;
@@ -131,7 +132,7 @@ impl XferRequest {
 
     fn check_usable(&self) -> Result<()> {
         let r = &*self.inner;
-        if !r.agent.alive.load(Ordering::Acquire) {
+        if !r.agent.is_alive() {
             return Err(Error::not_found("the agent of this request was dropped"));
         }
         if let Some(p) = &r.peer {
@@ -156,7 +157,7 @@ impl XferRequest {
         let r = &*self.inner;
         self.check_usable()
             .map_err(|e| e.with_backend(&r.backend.name).with_op(r.op))?;
-        let telemetry = r.agent.config.capture_telemetry;
+        let telemetry = r.agent.config().capture_telemetry;
         // The deadline counts from here, so the start is recorded for timed requests too, and
         // before the post begins: a concurrent `status()` or future of this request must never
         // judge the new post by the previous post's start.
@@ -300,7 +301,7 @@ impl XferRequest {
     /// first post.
     pub fn telemetry(&self) -> Result<XferTelemetry> {
         let r = &*self.inner;
-        if !r.agent.config.capture_telemetry {
+        if !r.agent.config().capture_telemetry {
             return Err(Error::no_telemetry(
                 "telemetry is disabled (enable it in AgentConfig or with NIXL_TELEMETRY_ENABLE=1)",
             ));
@@ -353,7 +354,7 @@ impl XferRequest {
         self.inner
             .peer
             .as_ref()
-            .map_or(self.inner.agent.name.as_str(), |p| p.name.as_str())
+            .map_or(self.inner.agent.name(), |p| p.name.as_str())
     }
 
     /// Bytes moved per post.

@@ -45,8 +45,8 @@ impl Agent {
     pub fn notifications(&self) -> NotifStream {
         NotifStream {
             agent: Arc::downgrade(&self.inner),
-            queue: self.inner.notifs.clone(),
-            id: self.inner.notifs.new_consumer(),
+            queue: self.inner.notifs().clone(),
+            id: self.inner.notifs().new_consumer(),
             ended: false,
         }
     }
@@ -65,14 +65,7 @@ impl NotifStream {
         if self.queue.is_empty() {
             // Let backends deliver what already arrived, as `get_notifs` does (SHM's rings are
             // read here; a backend thread would otherwise have to be woken for it).
-            for n in agent
-                .backends
-                .read()
-                .iter()
-                .filter_map(|s| s.backend.notifications())
-            {
-                n.poll_notifs();
-            }
+            agent.backends().visit(crate::backends::poll_notifs);
         }
         drop(agent);
         match self.queue.pop_or_register(self.id, cx.waker()) {

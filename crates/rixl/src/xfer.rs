@@ -10,9 +10,10 @@ use rixl_backend::{RequestExt, XferSpec};
 use rixl_core::resolve::{gather_and_merge, merge_segments};
 use rixl_core::{Desc, Error, MemType, Result, SegmentVec, XferDescList, XferOp};
 
-use crate::agent::{Agent, BackendSlot};
+use crate::agent::Agent;
+use crate::backends::BackendSlot;
 use crate::fence::{Fences, PostPins};
-use crate::prepared::{resolve_local, resolve_remote, PreparedList, Resolution, Side};
+use crate::prepared::{resolve_remote, PreparedList, Resolution, Side};
 use crate::remote::RemoteEntry;
 use crate::request::{RequestShape, XferRequest};
 
@@ -87,7 +88,7 @@ impl Agent {
         let allowed: Vec<usize> = opts
             .backends
             .iter()
-            .map(|n| self.inner.slot(n).map(|s| s.index))
+            .map(|n| self.inner.backends().index(n))
             .collect::<Result<_>>()?;
         let pick = |res: &[Resolution], b: usize| res.iter().position(|x| x.backend.index == b);
         let candidates: Vec<usize> = if allowed.is_empty() {
@@ -178,86 +179,99 @@ impl Agent {
                 )));
             }
         }
-        let loopback = remote_agent == inner.name;
+        let loopback = remote_agent == inner.name();
         let entry = if loopback {
             None
         } else {
             Some(inner.remote(remote_agent)?)
         };
-        let allowed =
-            inner.backend_filter(&opts.backends.iter().map(String::as_str).collect::<Vec<_>>())?;
-        let slots = inner.backends.read().clone();
-        let regs = inner.regs.read();
-        let remote_state = entry.as_ref().map(|e| e.state.read());
-        let mut first_miss: Option<Error> = None;
+        let allowed = inner
+            .backends()
+            .filter(&opts.backends.iter().map(String::as_str).collect::<Vec<_>>())?;
+        let slots = inner.backends().snapshot();
+        // Both sides are resolved against one state of the registrations (and of the peer's
+        // entry); the backend is called only once both locks are released.
         // A backend that would move this pair but carries no notifications, when one was
         // asked for: NIXL reports that as a backend error, not as missing memory.
-        let mut silent: Option<&BackendSlot> = None;
-        for slot in slots.iter().filter(|s| allowed.allows(s.index)) {
-            if opts.notif.is_some() && !slot.caps.notif {
-                if slot.caps.can_move(local.mem(), remote.mem()) {
-                    silent.get_or_insert(slot);
-                }
-                continue;
-            }
-            if !slot.caps.supports(local.mem())
-                || !slot.caps.supports(remote.mem())
-                || !slot.caps.can_move(local.mem(), remote.mem())
-            {
-                continue;
-            }
-            let Some(lsec) = regs.section(local.mem(), slot.index) else {
-                continue;
-            };
-            let mut target_fences = None;
-            let (lsegs, local_fences) = match resolve_local(&lsec.index, ld, false) {
-                Ok(t) => t,
-                Err(i) => {
-                    first_miss.get_or_insert_with(|| miss(i, &ld[i], "local", &slot.name));
+        let silent = opts
+            .notif
+            .as_ref()
+            .and_then(|_| {
+                slots
+                    .iter()
+                    .filter(|s| allowed.allows(s.index))
+                    .find(|s| !s.caps.notif && s.caps.can_move(local.mem(), remote.mem()))
+            })
+            .cloned();
+        let picked = inner.regs().visit(|regs| {
+            let remote_state = entry.as_ref().map(|e| e.state.read());
+            let mut first_miss: Option<Error> = None;
+            for slot in slots.iter().filter(|s| allowed.allows(s.index)) {
+                if opts.notif.is_some() && !slot.caps.notif {
                     continue;
                 }
-            };
-            let rsegs = match &remote_state {
-                None => {
-                    if !slot.caps.local {
-                        continue;
-                    }
-                    let Some(rsec) = regs.section(remote.mem(), slot.index) else {
-                        continue;
-                    };
-                    resolve_local(&rsec.index, rd, true).map(|(segs, fences)| {
-                        target_fences = Some(fences);
-                        segs
-                    })
-                }
-                Some(st) => {
-                    if !st.reachable(slot.index) {
-                        continue;
-                    }
-                    let Some(rsec) = st.section(remote.mem(), slot.index) else {
-                        continue;
-                    };
-                    resolve_remote(&rsec.index, rd)
-                }
-            };
-            let rsegs = match rsegs {
-                Ok(t) => t,
-                Err(i) => {
-                    first_miss.get_or_insert_with(|| miss(i, &rd[i], "remote", &slot.name));
+                if !slot.caps.supports(local.mem())
+                    || !slot.caps.supports(remote.mem())
+                    || !slot.caps.can_move(local.mem(), remote.mem())
+                {
                     continue;
                 }
-            };
-            let (local_segs, remote_segs) = merge_segments(lsegs, rsegs);
-            let mut fences = vec![local_fences];
-            fences.extend(target_fences);
-            let built = Built {
-                fences,
-                total: local.total_bytes(),
-                desc_count: ld.len() as u64,
-            };
-            drop(remote_state);
-            drop(regs);
-            return self.finish_request(
+                let Some(resolved) = regs.resolve(local.mem(), slot.index, ld, false) else {
+                    continue;
+                };
+                let mut target_fences = None;
+                let (lsegs, local_fences) = match resolved {
+                    Ok(t) => t,
+                    Err(i) => {
+                        first_miss.get_or_insert_with(|| miss(i, &ld[i], "local", &slot.name));
+                        continue;
+                    }
+                };
+                let rsegs = match &remote_state {
+                    None => {
+                        if !slot.caps.local {
+                            continue;
+                        }
+                        let Some(resolved) = regs.resolve(remote.mem(), slot.index, rd, true)
+                        else {
+                            continue;
+                        };
+                        resolved.map(|(segs, fences)| {
+                            target_fences = Some(fences);
+                            segs
+                        })
+                    }
+                    Some(st) => {
+                        if !st.reachable(slot.index) {
+                            continue;
+                        }
+                        let Some(rsec) = st.section(remote.mem(), slot.index) else {
+                            continue;
+                        };
+                        resolve_remote(&rsec.index, rd)
+                    }
+                };
+                let rsegs = match rsegs {
+                    Ok(t) => t,
+                    Err(i) => {
+                        first_miss.get_or_insert_with(|| miss(i, &rd[i], "remote", &slot.name));
+                        continue;
+                    }
+                };
+                let (local_segs, remote_segs) = merge_segments(lsegs, rsegs);
+                let mut fences = vec![local_fences];
+                fences.extend(target_fences);
+                let built = Built {
+                    fences,
+                    total: local.total_bytes(),
+                    desc_count: ld.len() as u64,
+                };
+                return Ok((slot, local_segs, remote_segs, built));
+            }
+            Err(first_miss)
+        });
+        match picked {
+            Ok((slot, local_segs, remote_segs, built)) => self.finish_request(
                 op,
                 slot.clone(),
                 entry,
@@ -267,33 +281,34 @@ impl Agent {
                 remote_segs,
                 built,
                 opts,
-            );
-        }
-        if let (Some(slot), None) = (silent, &first_miss) {
-            return Err(Error::backend(format!(
-                "a notification was requested, but backend {} (the one that moves {} to {}) \
-                 cannot carry notifications",
-                slot.name,
-                local.mem(),
-                remote.mem()
-            ))
-            .with_backend(&slot.name)
-            .with_peer(remote_agent));
-        }
-        Err(first_miss
-            .unwrap_or_else(|| {
-                Error::not_found(format!(
-                    "no backend holds {} locally and {} at agent {remote_agent:?}{}",
+            ),
+            Err(None) if silent.is_some() => {
+                let slot = silent.expect("checked");
+                Err(Error::backend(format!(
+                    "a notification was requested, but backend {} (the one that moves {} to {}) \
+                     cannot carry notifications",
+                    slot.name,
                     local.mem(),
-                    remote.mem(),
-                    if opts.notif.is_some() {
-                        " with notification support"
-                    } else {
-                        ""
-                    }
+                    remote.mem()
                 ))
-            })
-            .with_peer(remote_agent))
+                .with_backend(&slot.name)
+                .with_peer(remote_agent))
+            }
+            Err(first_miss) => Err(first_miss
+                .unwrap_or_else(|| {
+                    Error::not_found(format!(
+                        "no backend holds {} locally and {} at agent {remote_agent:?}{}",
+                        local.mem(),
+                        remote.mem(),
+                        if opts.notif.is_some() {
+                            " with notification support"
+                        } else {
+                            ""
+                        }
+                    ))
+                })
+                .with_peer(remote_agent)),
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -316,9 +331,7 @@ impl Agent {
             ))
             .with_backend(&backend.name));
         }
-        let peer_name = peer
-            .as_ref()
-            .map_or(self.inner.name.as_str(), |e| e.name.as_str());
+        let peer_name = peer.as_ref().map_or(self.inner.name(), |e| e.name.as_str());
         let segments = local.len();
         let spec = XferSpec {
             op,
@@ -331,11 +344,11 @@ impl Agent {
             ext: opts.ext.as_ref(),
         };
         // SAFETY: the resolved-segment invariant of `Backend::prepare_xfer`: every segment was
-        // resolved just now by this module from the agent's index of this backend's local
-        // registrations (self-target segments carrying their `local_target_token`) or from the
-        // peer's published regions this backend loaded, and checked to lie inside one of them
-        // (`resolve_local`, `resolve_remote`; `gather_and_merge` and `merge_segments` only join
-        // neighbours inside one region). Every local region is pinned by each post through
+        // resolved just now from the agent's index of this backend's local registrations
+        // (self-target segments carrying their `local_target_token`) or from the peer's
+        // published regions this backend loaded, and checked to lie inside one of them
+        // (`LocalRegs::resolve` in `registration`, `resolve_remote` in `prepared`;
+        // `gather_and_merge` and `merge_segments` only join neighbours inside one region). Every local region is pinned by each post through
         // `pins` until the post ends, and deregistration waits for the pins (`fence`).
         let xfer = unsafe { backend.backend.prepare_xfer(spec) }.map_err(|e| {
             e.with_backend(&backend.name)
