@@ -393,6 +393,15 @@ pub trait Backend: Send + Sync + fmt::Debug {
     ///
     /// Only the agent can uphold this (it resolves descriptors against its registration index
     /// and fences deregistration with the posts in flight), which is why this call is `unsafe`.
+    ///
+    /// The regions are pinned by posts, not by the prepared transfer: `prepare_xfer` itself must
+    /// not touch the memory (record the segments; move bytes only in `post`), since a region
+    /// may be deregistered between preparation and the first post (which then fails).
+    ///
+    /// In return the backend owes the agent: [`BackendXfer::cancel`] returns `Ok` only when no
+    /// byte of the post moves any more, and the completion is reported only once the backend
+    /// no longer touches the post's memory. The agent never runs `cancel` while the same
+    /// transfer's `post` call is still executing.
     #[allow(unsafe_code)] // a contract, not an unsafe operation: see the crate docs
     unsafe fn prepare_xfer(&self, spec: XferSpec<'_>) -> Result<Box<dyn BackendXfer>>;
 

@@ -69,6 +69,9 @@ pub struct Completion {
     /// Called once per post, right after it left the in-progress state (the agent releases the
     /// post's hold on its registered regions here).
     on_end: EndHook,
+    /// A post ended by [`Completion::abort_holding`] whose backend could not promise to stop:
+    /// its `on_end` runs only when the backend reports it finished after all (0: none).
+    orphan: AtomicU64,
     /// Nanoseconds ([`monotonic_nanos`]) at which the current post completed.
     done_at: AtomicU64,
     waiters: AtomicUsize,
@@ -228,19 +231,51 @@ impl Completion {
         }
     }
 
-    /// Fails the post in progress, if any, with `err` (cancellation, deadline, peer death).
-    /// Returns whether a post was ended.
+    /// Fails the post in progress, if any, with `err` (cancellation, deadline, peer death),
+    /// after the backend promised that no byte of it moves any more. Returns whether a post was
+    /// ended.
     pub fn abort(&self, err: Error) -> bool {
         let cur = self.state.load(Ordering::Acquire);
-        cur & ST_MASK == ST_PROC && self.finish(cur >> 2, Err(err))
+        cur & ST_MASK == ST_PROC && self.finish(cur >> 2, Err(err), true)
+    }
+
+    /// Fails the post in progress with `err` although the backend could not stop it (its
+    /// cancel failed): the caller learns the outcome now, but the end hook (which releases the
+    /// post's hold on its memory) runs only when the backend later reports the post finished.
+    pub fn abort_holding(&self, err: Error) -> bool {
+        let cur = self.state.load(Ordering::Acquire);
+        if cur & ST_MASK != ST_PROC {
+            return false;
+        }
+        let seq = cur >> 2;
+        if !self.finish(seq, Err(err), false) {
+            return false;
+        }
+        self.orphan.store(seq, Ordering::SeqCst);
+        true
+    }
+
+    /// Runs the end hook of post `seq` if it was ended by [`Completion::abort_holding`] and its
+    /// backend now reports it finished.
+    fn release_orphan(&self, seq: u64) {
+        if self
+            .orphan
+            .compare_exchange(seq, 0, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+        {
+            if let Some(hook) = &self.on_end.0 {
+                hook();
+            }
+        }
     }
 
     fn in_progress_seqcst(&self) -> bool {
         self.state.load(Ordering::SeqCst) & ST_MASK == ST_PROC
     }
 
-    /// Ends post `seq` if it is still the current, in-progress one. Returns whether it did.
-    fn finish(&self, seq: u64, result: Result<()>) -> bool {
+    /// Ends post `seq` if it is still the current, in-progress one, running the end hook if
+    /// `release`. Returns whether it did.
+    fn finish(&self, seq: u64, result: Result<()>, release: bool) -> bool {
         let from = (seq << 2) | ST_PROC;
         match result {
             Ok(()) => {
@@ -267,8 +302,10 @@ impl Completion {
             }
         }
         self.done_at.store(monotonic_nanos(), Ordering::Release);
-        if let Some(hook) = &self.on_end.0 {
-            hook();
+        if release {
+            if let Some(hook) = &self.on_end.0 {
+                hook();
+            }
         }
         // The SeqCst state change above and the SeqCst increment in `wait`/`poll_done` order
         // each other: either the waiter sees the new state or we see the waiter.
@@ -292,7 +329,13 @@ impl CompletionHandle {
     /// Reports the end of the post this handle belongs to. A handle of an older post (the
     /// request was cancelled, failed or reposted since) does nothing and returns `false`.
     pub fn complete(&self, result: Result<()>) -> bool {
-        self.cell.finish(self.seq, result)
+        if self.cell.finish(self.seq, result, true) {
+            return true;
+        }
+        // Too late for the caller, who was told at `abort_holding`; the memory the post used
+        // is free from now on.
+        self.cell.release_orphan(self.seq);
+        false
     }
 
     /// True while this handle's post is the current one and still running. Backends check it
@@ -381,6 +424,19 @@ mod tests {
         assert!(h3.complete(Err(Error::backend("failed"))));
         assert!(!c.abort(Error::canceled("too late")));
         assert_eq!(ended.load(Ordering::SeqCst), 3);
+        // A post whose backend could not stop: reported at once, released when it finishes.
+        let h4 = c.begin().unwrap();
+        assert!(c.abort_holding(Error::timeout("deadline")));
+        assert_eq!(c.status().unwrap_err().kind(), crate::ErrorKind::Timeout);
+        assert_eq!(
+            ended.load(Ordering::SeqCst),
+            3,
+            "held until the backend finishes"
+        );
+        assert!(!h4.complete(Ok(())), "the caller already has its answer");
+        assert_eq!(ended.load(Ordering::SeqCst), 4);
+        assert!(!h4.complete(Ok(())));
+        assert_eq!(ended.load(Ordering::SeqCst), 4, "released once");
     }
 
     #[test]

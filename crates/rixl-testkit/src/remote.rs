@@ -44,14 +44,20 @@ use crate::Harness;
 /// The part of the agent API that the target of a conformance case uses.
 ///
 /// Implemented by [`Agent`] (target in this process) and [`RemoteAgent`] (target in a peer
-/// process). Methods mirror the agent's; registration is safe here because the suite only
-/// registers [`TestBuffer`](crate::TestBuffer) memory and storage ([`TestFile`](crate::TestFile)),
-/// which carries no memory obligation (see the crate documentation).
+/// process). Methods mirror the agent's; registration is `unsafe` as `Agent::register_mem` is
+/// (the suite only registers [`TestBuffer`](crate::TestBuffer) memory and storage
+/// ([`TestFile`](crate::TestFile)) under the rules of the crate documentation).
 pub trait TargetAgent: Send + Sync {
     /// The agent's name.
     fn name(&self) -> &str;
     /// Registers `list` with the named backends (all if empty).
-    fn register(&self, list: &RegDescList, backends: &[&str]) -> Result<()>;
+    ///
+    /// # Safety
+    ///
+    /// As [`Agent::register_mem`]: DRAM ranges must stay valid (and untouched while transfers
+    /// may run) until deregistered or the agent is gone; for a target in a peer process, the
+    /// ranges must lie in the shared test arena (`TestBuffer`), which the peer maps.
+    unsafe fn register(&self, list: &RegDescList, backends: &[&str]) -> Result<()>;
     /// Deregisters `list`.
     fn deregister(&self, list: &RegDescList, backends: &[&str]) -> Result<()>;
     /// The full metadata blob.
@@ -83,8 +89,9 @@ impl TargetAgent for Agent {
     fn name(&self) -> &str {
         Agent::name(self)
     }
-    fn register(&self, list: &RegDescList, backends: &[&str]) -> Result<()> {
-        crate::cases::try_reg_with(self, list, backends)
+    unsafe fn register(&self, list: &RegDescList, backends: &[&str]) -> Result<()> {
+        // SAFETY: passed on to our caller (this method's own contract).
+        unsafe { self.register_mem(list, backends) }
     }
     fn deregister(&self, list: &RegDescList, backends: &[&str]) -> Result<()> {
         self.deregister_mem(list, backends)
@@ -128,8 +135,9 @@ impl TargetAgent for Box<dyn TargetAgent> {
     fn name(&self) -> &str {
         (**self).name()
     }
-    fn register(&self, list: &RegDescList, backends: &[&str]) -> Result<()> {
-        (**self).register(list, backends)
+    unsafe fn register(&self, list: &RegDescList, backends: &[&str]) -> Result<()> {
+        // SAFETY: passed on to our caller (this method's own contract).
+        unsafe { (**self).register(list, backends) }
     }
     fn deregister(&self, list: &RegDescList, backends: &[&str]) -> Result<()> {
         (**self).deregister(list, backends)
@@ -410,7 +418,7 @@ impl TargetAgent for RemoteAgent {
     fn name(&self) -> &str {
         &self.name
     }
-    fn register(&self, list: &RegDescList, backends: &[&str]) -> Result<()> {
+    unsafe fn register(&self, list: &RegDescList, backends: &[&str]) -> Result<()> {
         self.call(&["REG", &enc_list(list), &enc_backends(backends)])
             .map(drop)
     }

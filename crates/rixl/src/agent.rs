@@ -226,10 +226,13 @@ impl Agent {
     /// # Safety
     ///
     /// For DRAM (and VRAM), every range must be memory of this process that stays allocated
-    /// until it is deregistered or the agent is dropped, and that is not read or written by the
+    /// until it is deregistered (`deregister_mem` returned `Ok`) or the agent is dropped and
+    /// no post that uses it is in flight any more, and that is not read or written by the
     /// program while a transfer into or out of it may be running: backends read and write it by
     /// address, from other threads and, for remote peers, on behalf of other processes. Storage
-    /// types (FILE, BLK, OBJ) address offsets, not memory, and carry no such obligation.
+    /// types (FILE, BLK, OBJ) address offsets, not memory; but a FILE or BLK registration
+    /// without a path names an open file descriptor by number (`dev`), which must stay open
+    /// for as long. [`Agent::register_owned`] and [`Agent::register_storage`] need no `unsafe`.
     pub unsafe fn register_mem(&self, list: &RegDescList, backends: &[&str]) -> Result<()> {
         self.inner.register(list, backends, false).map(drop)
     }
@@ -586,7 +589,8 @@ impl Drop for Agent {
             tracing::error!(
                 agent = %inner.name,
                 "dropping the agent: {} region(s) are still used by posts in flight after {:?}; \
-                 deregistering them anyway",
+                 they stay registered with their backends (memory registered with register_mem \
+                 must not be freed while such a post runs)",
                 busy.len(),
                 inner.config.deregister_timeout
             );

@@ -90,8 +90,23 @@ impl Agent {
             ))
             .with_mem(mem));
         }
+        // A FILE or BLK registration without a path names an open file descriptor by number
+        // (`dev`). The agent cannot know it stays open: once closed, the number may be reused
+        // by another file, a socket or a memfd backing someone's mapping, and transfers would
+        // go there. Only path registrations are safe to take here.
+        if matches!(mem, MemType::File | MemType::Blk) {
+            if let Some(i) = list.descs().iter().position(|d| d.meta.is_empty()) {
+                return Err(Error::invalid_param(format!(
+                    "register_storage: registration {i} names {mem} by file descriptor (no path \
+                     in its meta); the agent cannot know the descriptor stays open, so register \
+                     it by path, or with Agent::register under its safety contract"
+                ))
+                .with_mem(mem));
+            }
+        }
         // SAFETY: storage addresses are offsets in files, volumes and objects, not memory of
-        // this process; `register`'s contract asks nothing of them (see `register_mem`).
+        // this process; `register`'s contract asks nothing of them (see `register_mem`), and a
+        // path registration opens its own descriptor.
         unsafe { self.register(list, backends) }
     }
 
@@ -690,7 +705,8 @@ mod tests {
         // not touched while registered.
         let reg = unsafe { a.register(&list, &[]) }.unwrap();
         let pins = pin(&reg);
-        // The teardown waits for the post, gives up, and deregisters anyway (logged).
+        // The teardown waits for the post, gives up and lets go of the region without telling
+        // the backend (logged); the handle still waits for the post.
         drop(a);
         assert!(!reg.is_registered());
         let err = reg.deregister().unwrap_err();

@@ -175,6 +175,15 @@ impl LocalTable {
         for section in regs.sections.iter_mut() {
             let backend = &slots[section.backend].backend;
             for e in section.index.drain() {
+                if e.value.fence.inflight() > 0 {
+                    // A post still uses it (the agent gave up waiting): telling the backend
+                    // would break `prepare_xfer`'s contract, so the region stays in the backend,
+                    // which is shut down next and serves nothing new. The agent lets go of it:
+                    // a handle owning the memory frees it once the last post has ended
+                    // (`wait_released` also waits for the pins), not before.
+                    e.value.fence.mark_released(true);
+                    continue;
+                }
                 let r = backend.deregister(section.mem, e.value.token);
                 e.value.fence.mark_released(r.is_ok());
                 if let Err(err) = r {

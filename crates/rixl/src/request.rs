@@ -46,6 +46,10 @@ pub(crate) struct ReqInner {
     pub(crate) peer: Option<Arc<RemoteEntry>>,
     xfer: Box<dyn BackendXfer>,
     pub(crate) completion: Arc<Completion>,
+    /// The notification attached to posts. Its lock is also the post lock: held from the
+    /// start of a post until the backend's `post` call returns, and by every cancel, so that a
+    /// cancel never runs while a backend is still inside `post` (where it may be copying with
+    /// nothing recorded to stop yet) and never ends a post that began after it looked.
     notif: Mutex<Option<Vec<u8>>>,
     /// Registrations used on this agent's side(s), pinned by every post.
     pins: Arc<PostPins>,
@@ -178,6 +182,7 @@ impl XferRequest {
                 .with_backend(&r.backend.name)
                 .with_op(r.op)
         })?;
+        let mut guard = r.notif.lock();
         let prev_start = if timed {
             r.post_start_ns.swap(start, Ordering::AcqRel)
         } else {
@@ -199,7 +204,6 @@ impl XferRequest {
                 return Err(e);
             }
         };
-        let mut guard = r.notif.lock();
         if let Some(n) = notif {
             *guard = Some(n.to_vec());
         }
@@ -282,6 +286,8 @@ impl XferRequest {
     /// and its status is `Canceled`. A request that already completed keeps its status.
     pub fn cancel(&self) -> Result<()> {
         let r = &*self.inner;
+        // The post lock: not while `post` is still running, and no new post meanwhile.
+        let _post = r.notif.lock();
         if !r.completion.in_progress() {
             return Ok(());
         }
@@ -422,8 +428,7 @@ impl ReqInner {
                             "the metadata of agent {:?} was invalidated while this request was in flight",
                             p.name
                         ));
-                        let _ = self.xfer.cancel();
-                        self.completion.abort(self.decorate(e));
+                        self.end_in_flight(self.decorate(e));
                         return self.completion.status();
                     }
                 }
@@ -450,12 +455,34 @@ impl ReqInner {
     }
 
     fn expire(&self) -> Result<XferStatus> {
-        let _ = self.xfer.cancel();
         let t = self.timeout.unwrap_or_default();
-        self.completion.abort(self.decorate(Error::timeout(format!(
+        self.end_in_flight(self.decorate(Error::timeout(format!(
             "the transfer did not complete within {t:?}"
         ))));
         self.completion.status()
+    }
+
+    /// Ends the post in flight with `err` for the caller (deadline, invalidated peer). The
+    /// post's memory is released only if the backend's cancel promised that nothing of it moves
+    /// any more; otherwise the regions stay pinned until the backend reports the post finished
+    /// (so a deregistration waits, or times out, rather than free memory still in use).
+    fn end_in_flight(&self, err: Error) {
+        let _post = self.notif.lock();
+        if !self.completion.in_progress() {
+            return;
+        }
+        match self.xfer.cancel() {
+            Ok(()) => {
+                self.completion.abort(err);
+            }
+            Err(cancel_err) => {
+                tracing::warn!(
+                    "{err}; the backend could not stop the post ({cancel_err}): its regions stay \
+                     registered until it finishes"
+                );
+                self.completion.abort_holding(err);
+            }
+        }
     }
 }
 

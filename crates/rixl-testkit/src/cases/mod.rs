@@ -158,7 +158,8 @@ pub(crate) fn try_reg_with(agent: &Agent, list: &RegDescList, backends: &[&str])
 
 /// Registers `list` with every backend of `agent`, in this process or a peer process.
 pub(crate) fn try_reg(agent: &dyn TargetAgent, list: &RegDescList) -> Result<()> {
-    agent.register(list, &[])
+    // SAFETY: the suite's convention, as in `try_reg_with` above.
+    unsafe { agent.register(list, &[]) }
 }
 
 /// A registration list of whole buffers, all of one memory type.
