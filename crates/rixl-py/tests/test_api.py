@@ -435,6 +435,45 @@ def test_loopback_to_self_and_send_notif(agent, bufs):
     assert a.get_new_notifs([]) == {}
 
 
+@pytest.mark.parametrize("backend", ["SHM", "TCP"])
+def test_single_backend_agent_is_its_own_target(backend, bufs):
+    """An agent whose only backend is SHM or TCP is its own target, as with NIXL's UCX (local KV
+    tiering relies on it): a transfer to its own name with a notification completes, the bytes
+    arrive, and the notification, like a standalone one, lands in its own queue."""
+    a = nixl.nixl_agent(uniq(backend.lower()), nixl.nixl_agent_config(backends=[backend]))
+    n = 16
+    src, dst = bufs(n * 4096), bufs(n * 4096 + 5, fill=0)
+    data = bytes(i * 7 % 251 for i in range(n * 4096))
+    write(src, data)
+    a.register_memory([(src, n * 4096, 0, ""), (dst, n * 4096 + 5, 0, "")], "DRAM")
+    # Scattered pages, reversed, to 5 bytes past each page (4K-aliased with the source).
+    local = a.get_xfer_descs([(src + i * 4096, 4096, 0) for i in range(n)], "DRAM")
+    remote = a.get_xfer_descs([(dst + 5 + (n - 1 - i) * 4096, 4096, 0) for i in range(n)], "DRAM")
+    h = a.initialize_xfer("WRITE", local, remote, a.name, b"n")
+    assert a.query_xfer_backend(h) == backend
+    assert a.transfer(h) in ("DONE", "PROC")
+    while a.check_xfer_state(h) == "PROC":
+        pass
+    assert a.check_xfer_state(h) == "DONE"
+    got = read(dst + 5, n * 4096)
+    for i in range(n):
+        assert got[(n - 1 - i) * 4096 : (n - i) * 4096] == data[i * 4096 : (i + 1) * 4096]
+    assert a.get_new_notifs() == {a.name: [b"n"]}
+    # READ back into the source, without a notification.
+    write(src, b"\0" * (n * 4096))
+    r = a.initialize_xfer("READ", local, remote, a.name)
+    a.transfer(r)
+    a.wait_xfer(r)
+    assert read(src, n * 4096) == data
+    assert a.get_new_notifs() == {}
+    a.send_notif(a.name, b"standalone")
+    a.send_notif(a.name, b"named", backend=backend)
+    assert a.get_new_notifs() == {a.name: [b"standalone", b"named"]}
+    a.release_xfer_handle(h)
+    a.release_xfer_handle(r)
+    a.deregister_memory(a.get_reg_descs([(src, n * 4096, 0, ""), (dst, n * 4096 + 5, 0, "")], "DRAM"))
+
+
 def test_check_remote_xfer_done_semantics(agent):
     a = agent
     for m in (b"abc-1", b"", b"xyz", b"abc-2"):

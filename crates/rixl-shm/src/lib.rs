@@ -30,6 +30,19 @@
 //! transparent huge pages (`thp`): the peer's `process_vm_*` calls pin this process's pages one
 //! by one, and on 4 KiB pages that doubles the cost of a 1 MiB copy.
 //!
+//! ## Its own agent
+//!
+//! An agent is its own target too (NIXL's loopback, which local KV tiering relies on), so an
+//! SHM-only agent needs no other backend for that: a transfer between two of its own
+//! registrations is a copy inside this process with `rixl_copy::copy_bytes`, which avoids the
+//! 4K-aliasing cliff of glibc's `memmove` (`process_vm_writev` on our own pid hits that cliff
+//! too, and is ~4× slower without it; figures in `rixl-copy`). Posts are cut as a peer's are:
+//! up to `inline_max_bytes` copied by the posting thread, larger ones split across the workers
+//! with the posting thread copying the first share, cancellable between pieces of at most 8 MiB;
+//! a post whose two sides overlap is not split (its pieces would race) and is copied in order
+//! by the posting thread. Its notification, and a standalone one sent to the agent's own name,
+//! go straight into the agent's own queue once the data has landed.
+//!
 //! ## Parameters
 //!
 //! | Parameter | Default | Values | What it does |
@@ -83,7 +96,7 @@ use host::HostIdentity;
 use inbound::Inbound;
 use outbound::{connect_peer, send_notif_to};
 use peer::{check_alive, Peer};
-use xfer::ShmXfer;
+use xfer::{ShmXfer, Target};
 
 /// The backend's name.
 pub const NAME: &str = "SHM";
@@ -120,12 +133,13 @@ const PARAMS: &[ParamSpec] = &[
     ),
 ];
 
-/// What SHM does, stated once: DRAM between processes of one host. One-sided: the target
-/// takes no part in a transfer, so it cannot fence a peer's writes into memory it
-/// deregisters.
+/// What SHM does, stated once: DRAM between processes of one host, and within its own agent.
+/// One-sided: the target takes no part in a transfer, so it cannot fence a peer's writes into
+/// memory it deregisters (the agent fences its own regions for a self-target).
 fn capabilities() -> Capabilities {
     Capabilities::new(&[MemType::Dram])
         .moving(MemType::Dram, MemType::Dram)
+        .local()
         .remote()
         .estimates_cost()
 }
@@ -349,29 +363,45 @@ impl Backend for Shm {
         if spec.local_mem != MemType::Dram || spec.remote_mem != MemType::Dram {
             return Err(Error::not_supported("SHM moves DRAM only"));
         }
-        if spec.loopback {
-            return Err(Error::not_supported(
-                "SHM does not serve transfers to the agent itself",
-            ));
-        }
-        let peer = self.shared.peer(spec.peer)?;
-        // The control connection is also the liveness check of every post: make it now.
-        connect_peer(&self.shared, &peer)?;
         let total = spec.local.iter().map(|s| s.len).sum();
-        let pool = if total > self.inline_max {
+        let target = if spec.loopback {
+            // Both sides are this agent's own registrations: `ShmXfer` copies between them in
+            // this process.
+            if self.shared.stopping.load(Ordering::SeqCst) {
+                return Err(Error::not_found("the SHM backend was shut down"));
+            }
+            Target::Own
+        } else {
+            let peer = self.shared.peer(spec.peer)?;
+            // The control connection is also the liveness check of every post: make it now.
+            connect_peer(&self.shared, &peer)?;
+            Target::Peer(peer)
+        };
+        // A self-copy whose sides overlap is not split: its parts would race.
+        let split = match target {
+            Target::Peer(_) => true,
+            Target::Own => xfer::sides_disjoint(spec.op, &spec.local, &spec.remote),
+        };
+        let pool = if total > self.inline_max && split {
             Some(self.pool()?)
         } else {
             None
         };
-        Ok(Box::new(ShmXfer::new(
-            spec.op,
-            peer,
-            self.shared.clone(),
-            spec.local,
-            spec.remote,
-            total,
-            pool,
-        )))
+        // SAFETY: `spec`'s own segments, under this call's contract, which is `ShmXfer::new`'s
+        // (a self-target's sides lie in this backend's own registrations, kept registered while
+        // a post runs); a self-copy gets the pool only if `sides_disjoint`, checked just above.
+        let xfer = unsafe {
+            ShmXfer::new(
+                spec.op,
+                target,
+                self.shared.clone(),
+                spec.local,
+                spec.remote,
+                total,
+                pool,
+            )
+        };
+        Ok(Box::new(xfer))
     }
 
     fn remote(&self) -> Option<&dyn RemotePeers> {
@@ -450,6 +480,13 @@ impl RemotePeers for Shm {
 
 impl Notifications for Shm {
     fn send_notif(&self, peer: &str, msg: &[u8]) -> Result<()> {
+        if peer == self.shared.ctx.agent_name() {
+            if self.shared.stopping.load(Ordering::SeqCst) {
+                return Err(Error::not_found("the SHM backend was shut down"));
+            }
+            self.shared.ctx.notifs().deliver(peer, msg);
+            return Ok(());
+        }
         let p = self.shared.peer(peer)?;
         send_notif_to(&self.shared, &p, msg, false)
     }

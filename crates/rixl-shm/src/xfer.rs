@@ -1,6 +1,7 @@
-//! Transfers: `ShmXfer` copies a prepared list of segments with `process_vm_*` (`cma`), inline in
-//! the posting thread or split across the worker pool (`pool`), sends the post's notification
-//! once the data is in place, and answers cancel and cost estimates.
+//! Transfers: `ShmXfer` copies a prepared list of segments with `process_vm_*` (`cma`), or with a
+//! plain copy when the agent is its own target ([`Target::Own`]), inline in the posting thread or
+//! split across the worker pool (`pool`), sends the post's notification once the data is in
+//! place, and answers cancel and cost estimates.
 //!
 //! The data path is kept apart from the control connections: it needs only the peer's liveness
 //! (`peer`) and the notification send (`outbound`), and none of their internals.
@@ -35,10 +36,174 @@ struct PostState {
     error: Mutex<Option<Error>>,
 }
 
-/// A prepared transfer to one peer.
+/// Where a transfer goes.
+#[derive(Clone)]
+pub(crate) enum Target {
+    /// Another agent's process, reached with `process_vm_*` (`cma`).
+    Peer(Arc<Peer>),
+    /// This agent itself: a copy between two of its own registrations (`copy_own`), whose
+    /// notification goes straight to the agent's own queue.
+    Own,
+}
+
+impl Target {
+    /// The target agent's name.
+    fn name<'a>(&'a self, shared: &'a Shared) -> &'a str {
+        match self {
+            Target::Peer(p) => &p.name,
+            Target::Own => shared.ctx.agent_name(),
+        }
+    }
+
+    /// Checks, before a post, that the target can be reached (for a peer, its control
+    /// connection is also the liveness check).
+    fn ready(&self, shared: &Arc<Shared>) -> Result<()> {
+        match self {
+            Target::Peer(peer) => {
+                connect_peer(shared, peer).map_err(|e| self.fail(shared, e))?;
+                if !peer_alive(peer) {
+                    return Err(self.fail(
+                        shared,
+                        Error::remote_disconnect(format!("agent {:?} is gone", peer.name)),
+                    ));
+                }
+                Ok(())
+            }
+            Target::Own if shared.stopping.load(Ordering::SeqCst) => {
+                Err(Error::not_found("the SHM backend was shut down"))
+            }
+            Target::Own => Ok(()),
+        }
+    }
+
+    /// Moves `local[..]` ↔ `remote[..]`, consulting `keep_going` on the way (cancellation).
+    ///
+    /// # Safety
+    ///
+    /// `local` and `remote` are the segments of a [`ShmXfer`] made for this target (under the
+    /// contract of [`ShmXfer::new`]), or pieces of them (`split`), and a post of that transfer
+    /// is running, so every range of this agent lies in a live registration (for
+    /// [`Target::Own`], both sides). No other part of the post running meanwhile writes a byte
+    /// these read or write (see [`sides_disjoint`]).
+    unsafe fn copy(
+        &self,
+        op: XferOp,
+        local: &[Segment],
+        remote: &[Segment],
+        keep_going: impl FnMut() -> bool,
+    ) -> Result<()> {
+        match self {
+            Target::Peer(peer) => cma::transfer(peer.info.pid, op, local, remote, keep_going),
+            // SAFETY: forwarded from this function's contract.
+            Target::Own => unsafe { copy_own(op, local, remote, keep_going) },
+        }
+    }
+
+    /// Delivers a post's notification, once its data has landed.
+    fn notify(&self, shared: &Arc<Shared>, msg: &[u8]) -> Result<()> {
+        match self {
+            Target::Peer(peer) => send_notif_to(shared, peer, msg, true),
+            Target::Own => {
+                shared.ctx.notifs().deliver(shared.ctx.agent_name(), msg);
+                Ok(())
+            }
+        }
+    }
+
+    /// Adds the peer to an error, and tells the agent when it shows the peer is gone.
+    fn fail(&self, shared: &Shared, e: Error) -> Error {
+        match self {
+            Target::Peer(peer) => {
+                let e = e.with_peer(&peer.name);
+                if e.kind() == ErrorKind::RemoteDisconnect {
+                    shared.lost(peer, &e);
+                }
+                e
+            }
+            Target::Own => e,
+        }
+    }
+}
+
+/// A transfer to the agent itself: copies every segment pair inside this process with
+/// [`rixl_copy::copy_bytes`] (SSE2 where glibc's `memmove` would hit its 4K-aliasing cliff;
+/// `process_vm_writev` on our own pid hits it too and is ~4× slower anyway: see `rixl-copy`).
+/// `keep_going` is consulted before every pair; pieces of split posts are at most
+/// [`MAX_CHUNK`] long.
+///
+/// # Safety
+///
+/// As [`Target::copy`]: both sides lie in live registrations of this agent, which nothing
+/// else writes (or reads, for the destination) while this runs.
+unsafe fn copy_own(
+    op: XferOp,
+    local: &[Segment],
+    remote: &[Segment],
+    mut keep_going: impl FnMut() -> bool,
+) -> Result<()> {
+    for (l, r) in local.iter().zip(remote) {
+        if !keep_going() {
+            return Err(Error::canceled("the transfer was cancelled"));
+        }
+        let (src, dst) = match op {
+            XferOp::Write => (l.addr, r.addr),
+            XferOp::Read => (r.addr, l.addr),
+        };
+        debug_assert_eq!(l.len, r.len);
+        // SAFETY: per this function's contract, `src..+len` and `dst..+len` lie in memory of
+        // this process that the agent registered (its `register_mem` caller promised it stays
+        // valid and untouched by the program while registered) and keeps registered until the
+        // post ends, and no other thread writes either range meanwhile. `copy_bytes` tolerates
+        // overlap between the two.
+        unsafe {
+            rixl_copy::copy_bytes(
+                src as usize as *const u8,
+                dst as usize as *mut u8,
+                l.len as usize,
+            )
+        };
+    }
+    Ok(())
+}
+
+/// True when no byte that a transfer writes is also read or written by another of its segment
+/// pairs or by its own source: the destination ranges are disjoint from each other and from
+/// every source range. A transfer to the agent itself is split across threads only then; one
+/// whose sides overlap is copied pair after pair by the posting thread, as a single
+/// `memmove`-like pass would.
+pub(crate) fn sides_disjoint(op: XferOp, local: &[Segment], remote: &[Segment]) -> bool {
+    let (src, dst) = match op {
+        XferOp::Write => (local, remote),
+        XferOp::Read => (remote, local),
+    };
+    let mut ranges: Vec<(u64, u64, bool)> = src
+        .iter()
+        .map(|s| (s.addr, s.addr.saturating_add(s.len), false))
+        .chain(
+            dst.iter()
+                .map(|s| (s.addr, s.addr.saturating_add(s.len), true)),
+        )
+        .collect();
+    ranges.sort_unstable_by_key(|&(start, _, _)| start);
+    // Sweeping by start: a range overlaps some earlier one iff it starts before the furthest end
+    // seen so far (of any range, for a destination; of a destination, for a source).
+    let (mut end_any, mut end_dst) = (0u64, 0u64);
+    for (start, end, is_dst) in ranges {
+        if start < if is_dst { end_any } else { end_dst } {
+            return false;
+        }
+        end_any = end_any.max(end);
+        if is_dst {
+            end_dst = end_dst.max(end);
+        }
+    }
+    true
+}
+
+/// A prepared transfer to one peer, or to the agent itself.
 pub(crate) struct ShmXfer {
     op: XferOp,
-    peer: Arc<Peer>,
+    target: Target,
     shared: Arc<Shared>,
     local: Arc<SegmentVec>,
     remote: Arc<SegmentVec>,
@@ -51,7 +216,7 @@ impl std::fmt::Debug for ShmXfer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ShmXfer")
             .field("op", &self.op)
-            .field("peer", &self.peer.name)
+            .field("peer", &self.target.name(&self.shared))
             .field("segments", &self.local.len())
             .field("bytes", &self.total)
             .finish()
@@ -61,9 +226,18 @@ impl std::fmt::Debug for ShmXfer {
 impl ShmXfer {
     /// `total` is the byte count of `local`; `pool` is given when posts are to be split
     /// across the workers.
-    pub(crate) fn new(
+    ///
+    /// # Safety
+    ///
+    /// `local` and `remote` are the segments of a `spec` given to `Shm::prepare_xfer`, under
+    /// its contract (the agent's resolved-segment invariant): local segments lie inside this
+    /// backend's registrations; target segments inside the peer's regions this backend loaded
+    /// or, for [`Target::Own`], inside this backend's own registrations; and those of this
+    /// agent stay registered while a post runs. For [`Target::Own`], `pool` is given only if
+    /// [`sides_disjoint`] holds, so that no part of a split post writes what another touches.
+    pub(crate) unsafe fn new(
         op: XferOp,
-        peer: Arc<Peer>,
+        target: Target,
         shared: Arc<Shared>,
         local: SegmentVec,
         remote: SegmentVec,
@@ -72,7 +246,7 @@ impl ShmXfer {
     ) -> ShmXfer {
         ShmXfer {
             op,
-            peer,
+            target,
             shared,
             local: Arc::new(local),
             remote: Arc::new(remote),
@@ -80,14 +254,6 @@ impl ShmXfer {
             pool,
             current: Mutex::new(None),
         }
-    }
-
-    fn fail(&self, e: Error) -> Error {
-        let e = e.with_peer(&self.peer.name);
-        if e.kind() == ErrorKind::RemoteDisconnect {
-            self.shared.lost(&self.peer, &e);
-        }
-        e
     }
 }
 
@@ -133,19 +299,17 @@ fn split(
 
 impl BackendXfer for ShmXfer {
     fn post(&self, notif: Option<&[u8]>, done: CompletionHandle) -> Result<PostOutcome> {
-        connect_peer(&self.shared, &self.peer).map_err(|e| self.fail(e))?;
-        if !peer_alive(&self.peer) {
-            return Err(self.fail(Error::remote_disconnect(format!(
-                "agent {:?} is gone",
-                self.peer.name
-            ))));
-        }
-        let pid = self.peer.info.pid;
+        self.target.ready(&self.shared)?;
         let Some(pool) = &self.pool else {
-            cma::transfer(pid, self.op, &self.local, &self.remote, || true)
-                .map_err(|e| self.fail(e))?;
+            // SAFETY: this transfer's own segments, during its post; nothing else of the post
+            // runs meanwhile.
+            unsafe {
+                self.target
+                    .copy(self.op, &self.local, &self.remote, || true)
+                    .map_err(|e| self.target.fail(&self.shared, e))?;
+            }
             if let Some(msg) = notif {
-                send_notif_to(&self.shared, &self.peer, msg, true)?;
+                self.target.notify(&self.shared, msg)?;
             }
             return Ok(PostOutcome::Done);
         };
@@ -163,16 +327,16 @@ impl BackendXfer for ShmXfer {
         let mut pieces = pieces.into_iter();
         let first = pieces.next();
         for (l, r) in pieces {
-            let (st, op, peer, shared, done, notif) = (
+            let (st, op, target, shared, done, notif) = (
                 state.clone(),
                 self.op,
-                self.peer.clone(),
+                self.target.clone(),
                 self.shared.clone(),
                 done.clone(),
                 notif.clone(),
             );
             pool.spawn(Box::new(move || {
-                run_part(&st, op, &peer, &shared, &done, notif.as_deref(), &l, &r)
+                run_part(&st, op, &target, &shared, &done, notif.as_deref(), &l, &r)
             }));
         }
         // The posting thread copies the first share itself, while the workers copy theirs: on
@@ -182,7 +346,7 @@ impl BackendXfer for ShmXfer {
             run_part(
                 &state,
                 self.op,
-                &self.peer,
+                &self.target,
                 &self.shared,
                 &done,
                 notif.as_deref(),
@@ -206,8 +370,12 @@ impl BackendXfer for ShmXfer {
     }
 
     fn estimate_cost(&self) -> Result<CostEstimate> {
-        // Measured here: ~1.5 us per post plus ~5 GB/s.
-        let duration_us = 2 + self.total / 5_000;
+        let duration_us = match self.target {
+            // Measured here: ~1.5 us per post plus ~5 GB/s.
+            Target::Peer(_) => 2 + self.total / 5_000,
+            // A copy in this process: LOOPBACK's figure.
+            Target::Own => 1 + self.total / 6_000,
+        };
         Ok(CostEstimate {
             duration_us,
             margin_us: duration_us / 2,
@@ -222,12 +390,13 @@ impl Drop for ShmXfer {
     }
 }
 
-/// Copies one share of a split post, unless the post was cancelled, and counts it done.
+/// Copies one share of a split post, unless the post was cancelled, and counts it done. `l` and
+/// `r` are a piece of the transfer's segments (`split`), given to no other part of the post.
 #[allow(clippy::too_many_arguments)]
 fn run_part(
     st: &PostState,
     op: XferOp,
-    peer: &Arc<Peer>,
+    target: &Target,
     shared: &Arc<Shared>,
     done: &CompletionHandle,
     notif: Option<&[u8]>,
@@ -238,29 +407,35 @@ fn run_part(
         let mut a = st.active.lock();
         if st.cancelled.load(Ordering::SeqCst) {
             drop(a);
-            finish_part(st, shared, peer, done, notif);
+            finish_part(st, shared, target, done, notif);
             return;
         }
         *a += 1;
     }
-    let res = cma::transfer(peer.info.pid, op, l, r, || {
-        !st.cancelled.load(Ordering::SeqCst)
-    });
+    // SAFETY: a piece of the posted transfer's segments, while its post runs (`remaining`
+    // holds the post open until this part is counted); the other parts copy other pieces, and
+    // a transfer to the agent itself is split only when its pieces share no written byte
+    // (`sides_disjoint`).
+    let res = unsafe { target.copy(op, l, r, || !st.cancelled.load(Ordering::SeqCst)) };
     if let Err(e) = res {
-        st.error.lock().get_or_insert(e.with_peer(&peer.name));
+        let e = match target {
+            Target::Peer(peer) => e.with_peer(&peer.name),
+            Target::Own => e,
+        };
+        st.error.lock().get_or_insert(e);
     }
     {
         let mut a = st.active.lock();
         *a -= 1;
         st.idle.notify_all();
     }
-    finish_part(st, shared, peer, done, notif);
+    finish_part(st, shared, target, done, notif);
 }
 
 fn finish_part(
     st: &PostState,
     shared: &Arc<Shared>,
-    peer: &Arc<Peer>,
+    target: &Target,
     done: &CompletionHandle,
     notif: Option<&[u8]>,
 ) {
@@ -277,13 +452,13 @@ fn finish_part(
     }
     let result = match st.error.lock().take() {
         Some(e) => {
-            if e.kind() == ErrorKind::RemoteDisconnect {
+            if let (Target::Peer(peer), ErrorKind::RemoteDisconnect) = (target, e.kind()) {
                 shared.lost(peer, &e);
             }
             Err(e.with_backend(NAME))
         }
         None => match notif {
-            Some(msg) => send_notif_to(shared, peer, msg, true),
+            Some(msg) => target.notify(shared, msg),
             None => Ok(()),
         },
     };
@@ -293,6 +468,58 @@ fn finish_part(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn segs(ranges: &[(u64, u64)]) -> Vec<Segment> {
+        ranges
+            .iter()
+            .map(|&(addr, len)| Segment {
+                addr,
+                len,
+                dev: 0,
+                token: 1,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn sides_disjoint_finds_every_written_overlap() {
+        let w = XferOp::Write;
+        // Separate sides, sources repeated: fine.
+        let l = segs(&[(0, 100), (0, 100), (500, 10)]);
+        let r = segs(&[(1000, 100), (2000, 100), (100, 10)]);
+        assert!(sides_disjoint(w, &l, &r));
+        // A destination touching (not overlapping) a source.
+        assert!(sides_disjoint(w, &segs(&[(0, 100)]), &segs(&[(100, 100)])));
+        // A destination overlapping its own source, another pair's source, another destination.
+        assert!(!sides_disjoint(w, &segs(&[(0, 100)]), &segs(&[(50, 100)])));
+        assert!(!sides_disjoint(
+            w,
+            &segs(&[(0, 10), (1000, 10)]),
+            &segs(&[(500, 10), (1005, 10)])
+        ));
+        assert!(!sides_disjoint(
+            w,
+            &segs(&[(0, 10), (100, 10)]),
+            &segs(&[(500, 10), (505, 10)])
+        ));
+        // A short range nested in a long earlier one.
+        assert!(!sides_disjoint(
+            w,
+            &segs(&[(0, 1000), (5000, 10)]),
+            &segs(&[(2000, 1000), (10, 10)])
+        ));
+        // READ: the local side is written.
+        assert!(!sides_disjoint(
+            XferOp::Read,
+            &segs(&[(0, 10), (5, 10)]),
+            &segs(&[(100, 10), (200, 10)])
+        ));
+        assert!(sides_disjoint(
+            XferOp::Read,
+            &segs(&[(100, 10), (200, 10)]),
+            &segs(&[(0, 10), (5, 10)])
+        ));
+    }
 
     #[test]
     fn split_balances_and_covers() {

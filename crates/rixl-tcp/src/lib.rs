@@ -68,6 +68,16 @@
 //! truncated frames and frames claiming huge lengths close the connection without writing
 //! anything, and the backend keeps serving other connections.
 //!
+//! ## Its own agent
+//!
+//! An agent is its own target too (NIXL's loopback, which local KV tiering relies on), so a
+//! TCP-only agent needs no other backend for that. No socket is involved: a post copies between
+//! the two sides of the agent's own registrations in the posting thread with
+//! `rixl_copy::copy_bytes` (glibc's `memmove` has a 4K-aliasing cliff; figures in `rixl-copy`),
+//! puts its notification straight into the agent's own queue, and completes before `post`
+//! returns, as LOOPBACK's do: a large self-copy holds the posting thread for its whole length
+//! (see `own`). `send_notif` to the agent's own name goes into the same queue.
+//!
 //! ## Semantics worth knowing
 //!
 //! - A WRITE's notification is delivered after every byte of the post is in the target's
@@ -106,6 +116,7 @@
 #![warn(unreachable_pub)]
 
 mod initiator;
+mod own;
 mod sock;
 mod target;
 /// The wire format, public only with the `internals` feature (fuzz targets and raw-socket
@@ -170,12 +181,13 @@ const PARAMS: &[ParamSpec] = &[
     ParamSpec::new("deadline_ms", int(1, u64::MAX), "5000", "Silence of a reachable peer after which requests fail (`Timeout`)."),
 ];
 
-/// What TCP does, stated once: DRAM between agents on any hosts. Its target serves every
-/// request itself, so it refuses ranges its agent deregistered and deregistration waits for
-/// the servers that use them.
+/// What TCP does, stated once: DRAM between agents on any hosts, and within its own agent. Its
+/// target serves every request itself, so it refuses ranges its agent deregistered and
+/// deregistration waits for the servers that use them.
 fn capabilities() -> Capabilities {
     Capabilities::new(&[MemType::Dram])
         .moving(MemType::Dram, MemType::Dram)
+        .local()
         .remote()
         .estimates_cost()
         .target_fences_deregistration()
@@ -441,13 +453,15 @@ impl Backend for Tcp {
         if spec.local_mem != MemType::Dram || spec.remote_mem != MemType::Dram {
             return Err(Error::not_supported("TCP moves DRAM only"));
         }
-        if spec.loopback {
-            return Err(Error::not_supported(
-                "TCP does not serve transfers to the agent itself",
-            ));
-        }
         if self.shared.stopping.load(Ordering::SeqCst) {
             return Err(Error::not_found("the TCP backend was shut down"));
+        }
+        if spec.loopback {
+            // SAFETY: both sides of a self-target `spec` lie in this backend's own
+            // registrations, kept registered while a post runs: this call's own contract.
+            let xfer =
+                unsafe { own::OwnXfer::new(spec.op, spec.local, spec.remote, self.shared.clone()) };
+            return Ok(Box::new(xfer));
         }
         let peer = self.shared.peer(spec.peer)?;
         let mut pairs = Vec::with_capacity(spec.local.len());
@@ -560,6 +574,11 @@ impl Notifications for Tcp {
     fn send_notif(&self, peer: &str, msg: &[u8]) -> Result<()> {
         if self.shared.stopping.load(Ordering::SeqCst) {
             return Err(Error::not_found("the TCP backend was shut down"));
+        }
+        if peer == self.shared.ctx.agent_name() {
+            // To the agent itself: straight into its own queue.
+            self.shared.ctx.notifs().deliver(peer, msg);
+            return Ok(());
         }
         let p = self.shared.peer(peer)?;
         initiator::send_notif(&self.shared, &p, msg)

@@ -62,9 +62,9 @@
 //!   moves the suite cannot make memory for yet (DRAM↔OBJ; VRAM↔FILE, whose initiator side is
 //!   not DRAM) gets the cases that move no data, and every other case prints why it is
 //!   skipped; supporting it means a new [`TargetMem`] variant.
-//! - Two modes. One agent targeting itself (NIXL's loopback; local backends: LOOPBACK and the
-//!   storage backends), and an initiator talking to a target through the backend's remote
-//!   path. The target lives in the test process, or, with
+//! - Two modes. One agent targeting itself (NIXL's loopback; local backends: LOOPBACK, SHM,
+//!   TCP and the storage backends), and an initiator talking to a target through the backend's
+//!   remote path. The target lives in the test process, or, with
 //!   [`cross_process_conformance_tests!`], in a peer process that maps the test buffers at the
 //!   same addresses (see [`remote`]) and opens test files by path; there, "the peer dies" means
 //!   SIGKILL. Cases that need two agents or notifications print why they are skipped on a

@@ -53,7 +53,6 @@
 mod agent;
 mod backends;
 pub mod config;
-mod copy;
 mod fence;
 mod future;
 pub mod listener;

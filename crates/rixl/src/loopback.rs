@@ -326,7 +326,7 @@ impl BackendXfer for LoopbackXfer {
             // they stay valid and are not accessed concurrently while registered. `copy_bytes`
             // tolerates overlap.
             unsafe {
-                crate::copy::copy_bytes(
+                rixl_copy::copy_bytes(
                     src as usize as *const u8,
                     dst as usize as *mut u8,
                     l.len as usize,

@@ -1098,3 +1098,38 @@ fn paced_and_unpaced_posts_alternate_on_one_connection() {
         drop(b);
     }
 }
+
+/// A TCP-only agent is its own target: a READ between two overlapping halves of one
+/// registration (4K-aliased: the copy must not fall into `memmove`'s cliff, nor mangle
+/// overlapping bytes) lands like `memmove`, and its notification and a standalone one arrive in
+/// the agent's own queue, under its own name.
+#[test]
+fn self_target_read_with_overlapping_sides_and_notifications() {
+    let buf = TestBuffer::with_pattern(1 << 20, 31);
+    let a = initiator(&buf);
+    let me = a.name().to_owned();
+    let r = a
+        .create_xfer_req(
+            XferOp::Read,
+            &list(vec![buf.desc(4096 + 3, 512 << 10)]),
+            &list(vec![buf.desc(0, 512 << 10)]),
+            &me,
+            &XferOptions::with_notif(b"read".to_vec()),
+        )
+        .unwrap();
+    r.post().unwrap();
+    r.wait(Some(Duration::from_secs(10))).unwrap();
+    buf.assert_range(4096 + 3, &pattern(31, 0, 512 << 10), "read onto itself");
+    buf.assert_range(0, &pattern(31, 0, 4096 + 3), "bytes before the destination");
+    a.send_notif(&me, b"standalone", None).unwrap();
+    let got: Vec<(String, Vec<u8>)> = a
+        .get_notifs(&[])
+        .unwrap()
+        .into_iter()
+        .map(|n| (n.from, n.msg))
+        .collect();
+    assert_eq!(
+        got,
+        [(me.clone(), b"read".to_vec()), (me, b"standalone".to_vec())]
+    );
+}
