@@ -24,7 +24,10 @@
 //!
 //! Trust: anyone allowed to `process_vm_writev` into a process can already do anything to it, so
 //! the target does not re-check what a same-host initiator writes; the socket only accepts peers
-//! of the same user (or root), checked with `SO_PEERCRED`.
+//! of the same user (or root), checked with `SO_PEERCRED`. Between two agents of *one* process
+//! that argument does not hold (stale or forged metadata would let safe code write into memory
+//! its owner freed), so there every target range is checked against the peer instance's live
+//! registrations, held while the copy runs (`live`), and the peer's deregistration waits for it.
 //!
 //! Registration asks the kernel, from a background thread, to back large DRAM regions with
 //! transparent huge pages (`thp`): the peer's `process_vm_*` calls pin this process's pages one
@@ -58,6 +61,7 @@ mod cma;
 #[allow(unreachable_pub)] // `ConnInfo` is `pub` for the `internals` build
 mod host;
 mod inbound;
+mod live;
 mod outbound;
 mod peer;
 mod pool;
@@ -146,10 +150,6 @@ fn capabilities() -> Capabilities {
 
 static NEXT_INSTANCE: AtomicU64 = AtomicU64::new(1);
 
-/// Control sockets of the SHM instances alive in this process. A peer in our own process
-/// never "dies" for the kernel (its memory stays mapped), so its teardown is looked up here.
-static LOCAL_INSTANCES: Mutex<Vec<String>> = Mutex::new(Vec::new());
-
 fn create(ctx: BackendContext) -> Result<Arc<dyn Backend>> {
     let p = ctx.params();
     let inline_max = p.int("inline_max_bytes");
@@ -186,7 +186,8 @@ fn create(ctx: BackendContext) -> Result<Arc<dyn Backend>> {
         pid: std::process::id(),
         socket: path.clone(),
     };
-    LOCAL_INSTANCES.lock().push(path.clone());
+    let live = Arc::new(live::LiveRegions::default());
+    live::add_instance(&path, live.clone());
     let shared = Arc::new(Shared {
         ctx: ctx.clone(),
         peers: Mutex::new(HashMap::new()),
@@ -220,6 +221,7 @@ fn create(ctx: BackendContext) -> Result<Arc<dyn Backend>> {
         collapse,
         next_token: AtomicU64::new(1),
         params,
+        live,
     }))
 }
 
@@ -265,6 +267,8 @@ pub struct Shm {
     collapse: bool,
     next_token: AtomicU64,
     params: Params,
+    /// Registered regions, checked by posts of SHM agents in this process (`live`).
+    live: Arc<live::LiveRegions>,
 }
 
 impl std::fmt::Debug for Shm {
@@ -282,7 +286,7 @@ impl Shm {
         if self.shared.stopping.swap(true, Ordering::SeqCst) {
             return;
         }
-        LOCAL_INSTANCES.lock().retain(|p| *p != self.me.socket);
+        live::remove_instance(&self.me.socket);
         // SAFETY: shutting down our own listening socket wakes the thread blocked in accept();
         // the fd stays open (owned by that thread) until it returns, so it cannot be reused.
         unsafe { libc::shutdown(self.listener_fd, libc::SHUT_RDWR) };
@@ -345,13 +349,18 @@ impl Backend for Shm {
         if self.collapse {
             thp::collapse_later(desc.desc.addr, desc.desc.len);
         }
+        let token = self.next_token.fetch_add(1, Ordering::Relaxed);
+        self.live.insert(token, desc.desc.addr, desc.desc.len);
         Ok(LocalRegion {
-            token: self.next_token.fetch_add(1, Ordering::Relaxed),
+            token,
             public: Vec::new(),
         })
     }
 
-    fn deregister(&self, _mem: MemType, _token: u64) -> Result<()> {
+    fn deregister(&self, _mem: MemType, token: u64) -> Result<()> {
+        // Waits for posts of agents in this process copying into or out of the region; peers
+        // in other processes are not fenced (see the crate docs and issue 22).
+        self.live.remove(token);
         Ok(())
     }
 

@@ -14,7 +14,7 @@ use parking_lot::Mutex;
 use rixl_core::{Desc, Result, Segment, XferOp};
 
 use crate::host::ConnInfo;
-use crate::{cma, ring, LOCAL_INSTANCES, NAME};
+use crate::{cma, live, ring, NAME};
 
 /// One peer we can reach.
 #[derive(Debug)]
@@ -108,7 +108,7 @@ pub(crate) fn check_alive(peer: &Peer, fresh: bool) -> bool {
         return false;
     }
     if peer.in_this_process {
-        return LOCAL_INSTANCES.lock().contains(&peer.info.socket);
+        return live::instance(&peer.info.socket).is_some();
     }
     let now = rixl_core::completion::monotonic_nanos();
     if !fresh

@@ -18,7 +18,7 @@ use rixl_core::{
 
 use crate::outbound::{connect_peer, send_notif_to};
 use crate::peer::{peer_alive, Peer};
-use crate::{cma, pool, Shared, NAME};
+use crate::{cma, live, pool, Shared, NAME};
 
 /// Pieces a large post is cut into are at least this big.
 const MIN_PART: u64 = 256 << 10;
@@ -93,6 +93,18 @@ impl Target {
         keep_going: impl FnMut() -> bool,
     ) -> Result<()> {
         match self {
+            Target::Peer(peer) if peer.info.pid == std::process::id() => {
+                // A peer in this process: its ranges are checked against its live
+                // registrations, which stay live while `_live` is held (see `live`).
+                let regions = live::instance(&peer.info.socket).ok_or_else(|| {
+                    Error::remote_disconnect(format!(
+                        "agent {:?} no longer exists in this process",
+                        peer.name
+                    ))
+                })?;
+                let _live = regions.check(&peer.name, remote)?;
+                cma::transfer(peer.info.pid, op, local, remote, keep_going)
+            }
             Target::Peer(peer) => cma::transfer(peer.info.pid, op, local, remote, keep_going),
             // SAFETY: forwarded from this function's contract.
             Target::Own => unsafe { copy_own(op, local, remote, keep_going) },
