@@ -20,6 +20,45 @@
 
 #![warn(missing_docs)]
 
+use rixl_core::{Segment, XferOp};
+
+/// Moves every pair of a transfer inside this process, in order: a WRITE copies `local[k]`
+/// to `remote[k]`, a READ `remote[k]` to `local[k]`. `keep_going` is consulted before every
+/// pair; returns `false` if it stopped the copy (cancellation).
+///
+/// # Safety
+///
+/// Every range of both slices must be memory of this process, readable (the sources) and
+/// writable (the destinations) for the duration of the call, and no other thread may write
+/// any of them meanwhile. Pairs may overlap each other and themselves.
+pub unsafe fn copy_segments(
+    op: XferOp,
+    local: &[Segment],
+    remote: &[Segment],
+    mut keep_going: impl FnMut() -> bool,
+) -> bool {
+    debug_assert_eq!(local.len(), remote.len());
+    for (l, r) in local.iter().zip(remote) {
+        if !keep_going() {
+            return false;
+        }
+        let (src, dst) = match op {
+            XferOp::Write => (l.addr, r.addr),
+            XferOp::Read => (r.addr, l.addr),
+        };
+        debug_assert_eq!(l.len, r.len);
+        // SAFETY: this function's contract covers both ranges; `copy_bytes` allows overlap.
+        unsafe {
+            copy_bytes(
+                src as usize as *const u8,
+                dst as usize as *mut u8,
+                l.len as usize,
+            )
+        };
+    }
+    true
+}
+
 /// Copies `len` bytes from `src` to `dst`; the ranges may overlap.
 ///
 /// # Safety
@@ -98,5 +137,53 @@ mod tests {
         // SAFETY: both ranges lie inside `buf`.
         unsafe { copy_bytes(p, p.add(16), 4096) };
         assert_eq!(&buf[16..16 + 4096], &orig[..4096]);
+    }
+}
+
+#[cfg(test)]
+mod segment_tests {
+    use super::*;
+
+    fn seg(base: *const u8, off: usize, len: usize) -> Segment {
+        Segment {
+            addr: base as u64 + off as u64,
+            len: len as u64,
+            dev: 0,
+            token: 1,
+        }
+    }
+
+    #[test]
+    fn copy_segments_moves_pairs_by_op_and_stops_when_told() {
+        let a: Vec<u8> = (0..64u8).collect();
+        let mut b = vec![0u8; 64];
+        let bp = b.as_mut_ptr();
+        let (l, r) = (
+            [seg(a.as_ptr(), 0, 8), seg(a.as_ptr(), 40, 8)],
+            [seg(bp, 8, 8), seg(bp, 0, 8)],
+        );
+        // SAFETY: every range lies in `a` or `b`, alive and untouched by anything else here.
+        assert!(unsafe { copy_segments(XferOp::Write, &l, &r, || true) });
+        assert_eq!(&b[8..16], &a[0..8]);
+        assert_eq!(&b[0..8], &a[40..48]);
+        let mut c = vec![0u8; 64];
+        let cp = c.as_mut_ptr();
+        let lc = [seg(cp, 16, 8)];
+        // SAFETY: as above.
+        assert!(unsafe { copy_segments(XferOp::Read, &lc, &[seg(a.as_ptr(), 24, 8)], || true) });
+        assert_eq!(&c[16..24], &a[24..32]);
+        let mut d = vec![0u8; 8];
+        let dp = d.as_mut_ptr();
+        // SAFETY: as above.
+        let done = unsafe {
+            copy_segments(
+                XferOp::Write,
+                &[seg(a.as_ptr(), 0, 8)],
+                &[seg(dp, 0, 8)],
+                || false,
+            )
+        };
+        assert!(!done);
+        assert!(d.iter().all(|&x| x == 0), "a stopped copy moves nothing");
     }
 }

@@ -151,31 +151,17 @@ unsafe fn copy_own(
     op: XferOp,
     local: &[Segment],
     remote: &[Segment],
-    mut keep_going: impl FnMut() -> bool,
+    keep_going: impl FnMut() -> bool,
 ) -> Result<()> {
-    for (l, r) in local.iter().zip(remote) {
-        if !keep_going() {
-            return Err(Error::canceled("the transfer was cancelled"));
-        }
-        let (src, dst) = match op {
-            XferOp::Write => (l.addr, r.addr),
-            XferOp::Read => (r.addr, l.addr),
-        };
-        debug_assert_eq!(l.len, r.len);
-        // SAFETY: per this function's contract, `src..+len` and `dst..+len` lie in memory of
-        // this process that the agent registered (its `register_mem` caller promised it stays
-        // valid and untouched by the program while registered) and keeps registered until the
-        // post ends, and no other thread writes either range meanwhile. `copy_bytes` tolerates
-        // overlap between the two.
-        unsafe {
-            rixl_copy::copy_bytes(
-                src as usize as *const u8,
-                dst as usize as *mut u8,
-                l.len as usize,
-            )
-        };
+    // SAFETY: per this function's contract, both sides lie in memory of this process that the
+    // agent registered (its `register_mem` caller promised it stays valid and untouched by the
+    // program while registered) and keeps registered until the post ends, and no other thread
+    // writes either side meanwhile.
+    if unsafe { rixl_copy::copy_segments(op, local, remote, keep_going) } {
+        Ok(())
+    } else {
+        Err(Error::canceled("the transfer was cancelled"))
     }
-    Ok(())
 }
 
 /// True when no byte that a transfer writes is also read or written by another of its segment

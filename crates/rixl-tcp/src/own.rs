@@ -70,25 +70,12 @@ impl BackendXfer for OwnXfer {
         if self.shared.stopping.load(Ordering::SeqCst) {
             return Err(Error::not_found("the TCP backend was shut down"));
         }
-        for (l, r) in self.local.iter().zip(&self.remote) {
-            let (src, dst) = match self.op {
-                XferOp::Write => (l.addr, r.addr),
-                XferOp::Read => (r.addr, l.addr),
-            };
-            debug_assert_eq!(l.len, r.len);
-            // SAFETY: both ranges lie in DRAM registrations of this agent (`OwnXfer::new`'s
-            // contract, from `prepare_xfer`'s), which the agent keeps registered until this
-            // post ends, and whose `register_mem` caller promised they stay valid and untouched
-            // by the program while a transfer may run. The pairs are copied one after the other
-            // on this thread, and `copy_bytes` tolerates overlap within a pair.
-            unsafe {
-                rixl_copy::copy_bytes(
-                    src as usize as *const u8,
-                    dst as usize as *mut u8,
-                    l.len as usize,
-                )
-            };
-        }
+        // SAFETY: both sides lie in DRAM registrations of this agent (`OwnXfer::new`'s
+        // contract, from `prepare_xfer`'s), which the agent keeps registered until this post
+        // ends, and whose `register_mem` caller promised they stay valid and untouched by the
+        // program while a transfer may run. The pairs are copied one after the other on this
+        // thread.
+        unsafe { rixl_copy::copy_segments(self.op, &self.local, &self.remote, || true) };
         if let Some(msg) = notif {
             let ctx = &self.shared.ctx;
             ctx.notifs().deliver(ctx.agent_name(), msg);

@@ -313,26 +313,13 @@ impl BackendXfer for LoopbackXfer {
                 )));
             }
         }
-        for (l, r) in self.local.iter().zip(&self.remote) {
-            let (src, dst) = match self.op {
-                XferOp::Write => (l.addr, r.addr),
-                XferOp::Read => (r.addr, l.addr),
-            };
-            debug_assert_eq!(l.len, r.len);
-            // SAFETY: both ranges were validated by the agent against DRAM registrations of this
-            // process (the target's published ones, or our own for loopback); the target ranges
-            // were just checked to lie inside regions it still has registered, and `live` keeps
-            // them so until the copy ends. Whoever registered them promised, per `Agent::register_mem`, that
-            // they stay valid and are not accessed concurrently while registered. `copy_bytes`
-            // tolerates overlap.
-            unsafe {
-                rixl_copy::copy_bytes(
-                    src as usize as *const u8,
-                    dst as usize as *mut u8,
-                    l.len as usize,
-                )
-            };
-        }
+        // SAFETY: both sides were validated by the agent against DRAM registrations of this
+        // process (the target's published ones, or our own for loopback); the target ranges
+        // were just checked to lie inside regions it still has registered, and `live` keeps
+        // them so until the copy ends. Whoever registered them promised, per
+        // `Agent::register_mem`, that they stay valid and are not accessed concurrently while
+        // registered.
+        unsafe { rixl_copy::copy_segments(self.op, &self.local, &self.remote, || true) };
         drop(live);
         if let Some(msg) = notif {
             target.notifs.deliver(&self.from, msg);
