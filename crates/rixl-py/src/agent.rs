@@ -637,6 +637,18 @@ impl LowAgent {
         req.status().py().map(status_code)
     }
 
+    /// RIXL: the status of the last post as `check_xfer_state` reports it, the interned
+    /// string `"DONE"` or `"PROC"` (no Python-side conversion in a polling loop); errors
+    /// raise.
+    fn xferState<'py>(&self, py: Python<'py>, handle: u64) -> PyResult<Bound<'py, PyString>> {
+        let req = self.xfer(handle)?;
+        Ok(match req.status().py()? {
+            XferStatus::Done => pyo3::intern!(py, "DONE"),
+            XferStatus::InProgress => pyo3::intern!(py, "PROC"),
+        }
+        .clone())
+    }
+
     /// Blocks (GIL released) until the current post completes or `timeout` seconds pass.
     #[pyo3(signature = (handle, timeout = None))]
     fn waitXferReq(&self, py: Python<'_>, handle: u64, timeout: Option<f64>) -> PyResult<i32> {
@@ -755,8 +767,10 @@ impl LowAgent {
         backends: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyDict>> {
         let b = self.backends_of(backends)?;
-        let a = &self.agent;
-        let got = py.detach(|| a.get_notifs(&refs(&b))).py()?;
+        // With the GIL held: `get_notifs` never blocks (one read lock and the backends'
+        // non-blocking polls), and releasing and retaking the GIL would cost a polling
+        // loop more than the call itself.
+        let got = self.agent.get_notifs(&refs(&b)).py()?;
         let map = notifs.unwrap_or_else(|| PyDict::new(py));
         for n in got {
             let msg = PyBytes::new(py, &n.msg);

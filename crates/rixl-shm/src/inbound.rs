@@ -370,13 +370,16 @@ pub(crate) fn poll_inbound(shared: &Shared) {
     // list is walked under its lock and only connections with something to read are kept,
     // to be drained after the lock is released (draining may write an acknowledgement).
     let mut ready: Vec<(Arc<Inbound>, bool)> = Vec::new();
-    let now = ring::now_ns();
+    // Read the clock once, and only for a ring (an agent whose peers use other backends
+    // reads no clock here).
+    let mut now = None;
     for inbound in shared.inbound.lock().iter() {
         // With a ring, waiting threads read only the ring (one atomic load when it is empty);
         // the socket then carries doorbells for the reader thread, and notifications too
         // large for the ring, which a stalled `SOCKET` record asks for.
         let ring_only = match inbound.ring.get() {
             Some(r) => {
+                let now = *now.get_or_insert_with(ring::now_ns);
                 r.note_seen(now);
                 if !attended
                     && r.note_polled(now, POLL_WINDOW_NS)
