@@ -40,6 +40,6 @@ pub use error::{Error, ErrorKind, Result};
 pub use index::{RegEntry, RegIndex};
 pub use mem::MemType;
 pub use metadata::{AgentMetadata, ConnInfo, MetadataSection, PublishedRegion};
-pub use notif::{NotifQueue, NotifSender, Notification, Popped};
+pub use notif::{NotifLimits, NotifQueue, NotifSender, Notification, Popped};
 pub use op::XferOp;
 pub use segments::SegmentVec;

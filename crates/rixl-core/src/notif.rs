@@ -11,8 +11,14 @@
 //! found by the look, so no wake-up is lost. A push takes every registered waker (each
 //! consumer registers again when it next finds the queue empty). [`NotifQueue::close`] (the
 //! agent is gone) wakes them for the last time and makes every later look report the end.
+//!
+//! Peers decide how much arrives, the application how fast it drains: the queue is bounded
+//! ([`NotifLimits`]: a number of notifications and of bytes). A notification that would exceed
+//! either bound is dropped and counted ([`NotifQueue::dropped`]), and the first drop from each
+//! sender is logged with the limit's name, so that a flooding or runaway peer costs a counter,
+//! not the process's memory.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::Waker;
@@ -31,10 +37,33 @@ pub struct Notification {
     pub backend: usize,
 }
 
+/// Bounds on the notifications an agent holds before the application drains them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NotifLimits {
+    /// Most notifications queued (`max_queued_notifs`).
+    pub max_queued: usize,
+    /// Most bytes of messages and sender names queued (`max_queued_notif_bytes`).
+    pub max_queued_bytes: usize,
+}
+
+impl Default for NotifLimits {
+    /// One million notifications or 256 MiB: far above what a KV-cache pipeline keeps in
+    /// flight (one notification per request), far below what would hurt the host.
+    fn default() -> NotifLimits {
+        NotifLimits {
+            max_queued: 1 << 20,
+            max_queued_bytes: 256 << 20,
+        }
+    }
+}
+
 /// The per-agent queue. Backends get a [`NotifSender`] bound to their index.
 #[derive(Debug, Default)]
 pub struct NotifQueue {
     queue: Mutex<Queue>,
+    limits: NotifLimits,
+    /// Notifications dropped because a limit was reached.
+    dropped: AtomicU64,
     cond: Condvar,
     pushed: AtomicU64,
     /// Notifications queued right now (read without the lock by spinning waiters).
@@ -46,6 +75,10 @@ pub struct NotifQueue {
 #[derive(Debug, Default)]
 struct Queue {
     items: VecDeque<Notification>,
+    /// Bytes of messages and sender names in `items`.
+    bytes: usize,
+    /// Senders a drop was already logged for.
+    dropped_from: HashSet<String>,
     /// Wakers of async consumers that found the queue empty, by consumer id.
     wakers: Vec<(u64, Waker)>,
     /// Set once the agent is gone: async consumers end.
@@ -73,6 +106,19 @@ impl NotifQueue {
         Arc::new(NotifQueue::default())
     }
 
+    /// An empty queue with the given bounds.
+    pub fn with_limits(limits: NotifLimits) -> Arc<NotifQueue> {
+        Arc::new(NotifQueue {
+            limits,
+            ..NotifQueue::default()
+        })
+    }
+
+    /// Notifications dropped so far because a limit was reached.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
     /// A sender that tags what it pushes with backend index `backend`.
     pub fn sender(self: &Arc<Self>, backend: usize) -> NotifSender {
         NotifSender {
@@ -82,7 +128,31 @@ impl NotifQueue {
     }
 
     fn push(&self, n: Notification) {
+        let size = n.msg.len() + n.from.len();
         let mut q = self.queue.lock();
+        let over = if q.items.len() >= self.limits.max_queued {
+            Some(("max_queued_notifs", self.limits.max_queued))
+        } else if q.bytes + size > self.limits.max_queued_bytes {
+            Some(("max_queued_notif_bytes", self.limits.max_queued_bytes))
+        } else {
+            None
+        };
+        if let Some((limit, value)) = over {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            if q.dropped_from.insert(n.from.clone()) {
+                let held = (q.items.len(), q.bytes);
+                drop(q);
+                tracing::warn!(
+                    from = %n.from,
+                    "notification dropped: {limit}={value} reached ({} notifications, {} bytes \
+                     queued); later drops from this agent are only counted",
+                    held.0,
+                    held.1
+                );
+            }
+            return;
+        }
+        q.bytes += size;
         q.items.push_back(n);
         self.queued.store(q.items.len(), Ordering::Release);
         let wakers = if q.wakers.is_empty() {
@@ -112,6 +182,7 @@ impl NotifQueue {
             return Popped::Closed;
         }
         if let Some(n) = q.items.pop_front() {
+            q.bytes -= n.msg.len() + n.from.len();
             self.queued.store(q.items.len(), Ordering::Release);
             return Popped::Item(n);
         }
@@ -153,6 +224,7 @@ impl NotifQueue {
         let mut out = Vec::new();
         if q.items.iter().all(|n| filter(n.backend)) {
             out.extend(q.items.drain(..));
+            q.bytes = 0;
         } else {
             q.items.retain(|n| {
                 if filter(n.backend) {
@@ -162,6 +234,10 @@ impl NotifQueue {
                     true
                 }
             });
+        }
+        if !out.is_empty() {
+            let taken: usize = out.iter().map(|n| n.msg.len() + n.from.len()).sum();
+            q.bytes = q.bytes.saturating_sub(taken);
         }
         self.queued.store(q.items.len(), Ordering::Release);
         out
@@ -244,6 +320,55 @@ impl NotifSender {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_full_queue_drops_and_counts_and_takes_again_once_drained() {
+        let q = NotifQueue::with_limits(NotifLimits {
+            max_queued: 3,
+            max_queued_bytes: 1 << 20,
+        });
+        let tx = q.sender(0);
+        for i in 0..5u8 {
+            tx.deliver("peer", &[i]);
+        }
+        assert_eq!(q.dropped(), 2, "two over the count limit");
+        let got = q.drain(|_| true);
+        assert_eq!(
+            got.iter().map(|n| n.msg[0]).collect::<Vec<_>>(),
+            vec![0, 1, 2]
+        );
+        tx.deliver("peer", b"again");
+        assert_eq!(q.drain(|_| true).len(), 1, "room again after draining");
+        assert_eq!(q.dropped(), 2);
+    }
+
+    #[test]
+    fn the_byte_limit_counts_messages_and_names_and_frees_on_every_removal() {
+        // "p" (1 byte) + 9-byte messages: 10 bytes each, 30 allowed.
+        let q = NotifQueue::with_limits(NotifLimits {
+            max_queued: 100,
+            max_queued_bytes: 30,
+        });
+        let tx = q.sender(0);
+        for _ in 0..4 {
+            tx.deliver("p", &[7; 9]);
+        }
+        assert_eq!(q.dropped(), 1);
+        // Removal through the async path frees bytes too.
+        let (_c, w) = counter();
+        let id = q.new_consumer();
+        assert!(matches!(q.pop_or_register(id, &w), Popped::Item(_)));
+        tx.deliver("p", &[7; 9]);
+        assert_eq!(q.dropped(), 1, "one taken, one more fits");
+        // A filtered drain frees what it takes.
+        let other = q.sender(1);
+        q.drain(|b| b == 0);
+        other.deliver("p", &[7; 9]);
+        other.deliver("p", &[7; 9]);
+        other.deliver("p", &[7; 9]);
+        assert_eq!(q.dropped(), 1);
+        assert_eq!(q.drain(|_| true).len(), 3);
+    }
     use std::sync::atomic::AtomicUsize;
     use std::task::Wake;
 

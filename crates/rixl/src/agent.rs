@@ -91,6 +91,7 @@ impl Agent {
         }
         let config = config.with_env();
         let backends = config.backends.clone();
+        let notif_limits = config.notif_limits;
         let agent = Agent {
             inner: Arc::new(AgentInner {
                 name: name.to_owned(),
@@ -99,7 +100,7 @@ impl Agent {
                 alive: AtomicBool::new(true),
                 backends: BackendTable::new(),
                 remotes: RemoteTable::default(),
-                notifs: NotifQueue::new(),
+                notifs: NotifQueue::with_limits(notif_limits),
                 listener: parking_lot::Mutex::new(None),
             }),
         };
@@ -553,6 +554,11 @@ impl Agent {
         );
         stop_attending();
         got
+    }
+
+    /// Notifications dropped because the queue was full ([`AgentConfig::notif_limits`]).
+    pub fn dropped_notifs(&self) -> u64 {
+        self.inner.notifs.dropped()
     }
 
     /// Drains the notifications and groups them by sender (NIXL's `getNotifs` shape).

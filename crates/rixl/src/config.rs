@@ -32,6 +32,10 @@ pub struct AgentConfig {
     /// How long `deregister_mem` (and dropping the agent) waits for posts in flight that use
     /// the regions before it gives up with `Timeout`, leaving them registered. Default 10 s.
     pub deregister_timeout: std::time::Duration,
+    /// Bounds on received notifications not yet drained; beyond them peers' notifications are
+    /// dropped, counted ([`Agent::dropped_notifs`](crate::Agent::dropped_notifs)) and logged
+    /// once per sender. Default: 2^20 notifications, 256 MiB.
+    pub notif_limits: rixl_core::NotifLimits,
 }
 
 /// The default [`AgentConfig::deregister_timeout`].
@@ -49,6 +53,7 @@ impl Default for AgentConfig {
             listen_addr: None,
             shared_secret: None,
             deregister_timeout: DEFAULT_DEREGISTER_TIMEOUT,
+            notif_limits: rixl_core::NotifLimits::default(),
         }
     }
 }
@@ -71,6 +76,7 @@ impl std::fmt::Debug for AgentConfig {
                 &self.shared_secret.as_ref().map(|_| "<set>"),
             )
             .field("deregister_timeout", &self.deregister_timeout)
+            .field("notif_limits", &self.notif_limits)
             .finish()
     }
 }
@@ -105,6 +111,13 @@ impl AgentConfig {
     /// [`AgentConfig::deregister_timeout`]).
     pub fn deregister_timeout(mut self, timeout: std::time::Duration) -> AgentConfig {
         self.deregister_timeout = timeout;
+        self
+    }
+
+    /// Sets the bounds on received notifications not yet drained
+    /// ([`AgentConfig::notif_limits`]).
+    pub fn notif_limits(mut self, limits: rixl_core::NotifLimits) -> AgentConfig {
+        self.notif_limits = limits;
         self
     }
 

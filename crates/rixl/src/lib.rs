@@ -78,8 +78,8 @@ pub use request::{XferRequest, XferTelemetry};
 pub use rixl_backend::{self as backend, BackendFactory, RequestExt};
 pub use rixl_core::{
     self as core, Capabilities, CostEstimate, CostMethod, Desc, Error, ErrorKind, MemType,
-    Notification, Params, RegDesc, RegDescList, Result, StridedDesc, XferDescList, XferOp,
-    XferStatus,
+    NotifLimits, Notification, Params, RegDesc, RegDescList, Result, StridedDesc, XferDescList,
+    XferOp, XferStatus,
 };
 pub use stream::NotifStream;
 pub use xfer::XferOptions;

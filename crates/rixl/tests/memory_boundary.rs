@@ -149,3 +149,34 @@ fn register_storage_refuses_file_descriptors_by_number() {
     assert_eq!(e.kind(), ErrorKind::InvalidParam, "{e}");
     assert!(e.to_string().contains("file descriptor"), "{e}");
 }
+
+/// A peer that sends notifications faster than the application drains them costs a counter,
+/// not memory: beyond `AgentConfig::notif_limits` they are dropped and counted, and the agent
+/// keeps working.
+#[test]
+fn a_notification_flood_is_bounded() {
+    let limits = rixl::NotifLimits {
+        max_queued: 100,
+        max_queued_bytes: 1 << 20,
+    };
+    let target = Agent::new(
+        "mb-flood-target",
+        AgentConfig::default()
+            .backend("LOOPBACK")
+            .notif_limits(limits),
+    )
+    .unwrap();
+    let peer = Agent::new("mb-flood-peer", AgentConfig::default().backend("LOOPBACK")).unwrap();
+    peer.load_remote_metadata(&target.local_metadata().unwrap())
+        .unwrap();
+    for i in 0..250u32 {
+        peer.send_notif("mb-flood-target", &i.to_le_bytes(), None)
+            .unwrap();
+    }
+    assert_eq!(target.dropped_notifs(), 150);
+    let got = target.get_notifs(&[]).unwrap();
+    assert_eq!(got.len(), 100, "the first 100 were kept, in order");
+    assert_eq!(got[99].msg, 99u32.to_le_bytes());
+    peer.send_notif("mb-flood-target", b"after", None).unwrap();
+    assert_eq!(target.get_notifs(&[]).unwrap()[0].msg, b"after");
+}
