@@ -106,8 +106,9 @@ fn registered_by_name_for_the_whole_process() {
 fn deregistration_waits_for_the_post_then_gives_up_past_its_bound() {
     let src = vec![3u8; 64 << 10];
     let dst = vec![0u8; 64 << 10];
-    // A post takes 300 ms; deregistration waits up to 100 ms.
-    let a = agent(300_000, Duration::from_millis(100));
+    // A post takes 2 s; deregistration waits up to 100 ms (a wide margin, so that a loaded
+    // machine pausing this thread cannot let the post finish first).
+    let a = agent(2_000_000, Duration::from_millis(100));
     // SAFETY: both vectors outlive the agent and are read only once no post is in flight.
     unsafe { a.register_mem(&regs(&[&src, &dst]), &[]) }.expect("register");
     let req = a
@@ -172,7 +173,8 @@ fn deregistration_waits_for_a_post_in_flight() {
 fn cancelled_post_moves_nothing_and_frees_the_region() {
     let src = vec![9u8; 64 << 10];
     let dst = vec![0u8; 64 << 10];
-    let a = agent(200_000, Duration::from_millis(50));
+    // The worker wakes 2 s after the post (long after the cancel, even on a loaded machine).
+    let a = agent(2_000_000, Duration::from_millis(50));
     // SAFETY: as above.
     unsafe { a.register_mem(&regs(&[&src, &dst]), &[]) }.expect("register");
     let req = a
@@ -189,6 +191,7 @@ fn cancelled_post_moves_nothing_and_frees_the_region() {
     assert_eq!(req.status().unwrap_err().kind(), ErrorKind::Canceled);
     a.deregister_mem(&regs(&[&dst]), &[])
         .expect("no post holds the region after cancel");
-    std::thread::sleep(Duration::from_millis(300));
+    // Past the worker's wake-up: it must have skipped the cancelled post.
+    std::thread::sleep(Duration::from_millis(2300));
     assert!(dst.iter().all(|&b| b == 0), "a cancelled post wrote");
 }
