@@ -128,6 +128,9 @@ impl ErrCode {
 
 /// Why a header was refused.
 #[derive(Clone, Debug, PartialEq, Eq)]
+// The names read as what they are ("bad magic"); clippy only objects when the module is
+// private, i.e. in builds without the `internals` feature.
+#[allow(clippy::enum_variant_names)]
 pub enum WireError {
     /// The first byte is not [`MAGIC`].
     BadMagic(u8),
