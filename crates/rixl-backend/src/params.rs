@@ -234,7 +234,7 @@ pub fn markdown_table(table: &[ParamSpec]) -> String {
 
 /// Checks that a crate's documentation contains its parameter table exactly as
 /// [`markdown_table`] renders it (each line prefixed as in `//!` docs). Returns a description
-/// of the first difference. Backends call it from a unit test with `include_str!("lib.rs")`.
+/// of the first difference. Backends call it through [`params_doc_test!`].
 pub fn docs_match(table: &[ParamSpec], source: &str) -> std::result::Result<(), String> {
     let doc: String = source
         .lines()
@@ -254,6 +254,22 @@ pub fn docs_match(table: &[ParamSpec], source: &str) -> std::result::Result<(), 
                 .join("\n")
         ))
     }
+}
+
+/// Expands into a unit test checking that the crate docs of the calling crate (its `lib.rs`)
+/// contain the table [`markdown_table`] renders for `$params`; on failure it prints the table
+/// to paste. Use it at the root of a backend crate: `rixl_backend::params_doc_test!(PARAMS);`.
+#[macro_export]
+macro_rules! params_doc_test {
+    ($params:expr) => {
+        #[cfg(test)]
+        #[test]
+        fn crate_docs_list_the_declared_parameters() {
+            if let Err(e) = $crate::docs_match($params, include_str!("lib.rs")) {
+                panic!("{e}");
+            }
+        }
+    };
 }
 
 #[cfg(test)]

@@ -576,13 +576,5 @@ impl Drop for PosixXfer {
 #[cfg(test)]
 mod tests;
 
-#[cfg(test)]
-mod params_doc_tests {
-    /// The parameter table in the crate docs is the one the code declares.
-    #[test]
-    fn crate_docs_list_the_declared_parameters() {
-        if let Err(e) = rixl_backend::docs_match(super::params::PARAMS, include_str!("lib.rs")) {
-            panic!("{e}");
-        }
-    }
-}
+// The parameter table in the crate docs is the one the code declares.
+rixl_backend::params_doc_test!(params::PARAMS);

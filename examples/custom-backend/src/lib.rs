@@ -234,13 +234,5 @@ impl BackendXfer for DelayXfer {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    /// The parameter table in the crate docs is the one the code declares.
-    #[test]
-    fn crate_docs_list_the_declared_parameters() {
-        if let Err(e) = rixl::backend::docs_match(super::PARAMS, include_str!("lib.rs")) {
-            panic!("{e}");
-        }
-    }
-}
+// The parameter table in the crate docs is the one the code declares.
+rixl::backend::params_doc_test!(PARAMS);
